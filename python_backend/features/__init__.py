@@ -1,0 +1,1 @@
+"""Online feature assembly: key schema, Redis store, hot-entity cache, circuit breaker."""

@@ -1,0 +1,1 @@
+"""Local tooling: stack control, model build and rendering, and the rtinfer CLI."""
