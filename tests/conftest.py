@@ -1,0 +1,22 @@
+"""Session fixtures: demo models built once into a temp repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rtinfer.settings import Settings
+
+#: smaller than the CLI default so the suite stays fast; same code path
+TEST_ROWS = 20_000
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with the three demo models trained from scratch (not rendered)."""
+    from rtinfer.demo.train import build_demo_models
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    build_demo_models(repo, seed=Settings().seed, n_rows=TEST_ROWS)
+    return repo
