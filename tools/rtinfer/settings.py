@@ -1,0 +1,96 @@
+"""All configuration of the local tooling, from ``RTINFER_*`` environment variables.
+
+Nested sections use ``__``: ``RTINFER_TRITON__HTTP_PORT=9000``, ``RTINFER_REDIS__PORT=6390``.
+A port of ``0`` means "pick a free one"; a configured port that is busy is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+Target = Literal["cpu", "ngc"]
+
+
+class TritonSettings(BaseModel):
+    """How the local tritonserver is launched."""
+
+    host: str = Field("127.0.0.1", description="Address Triton binds and clients dial.")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP/REST port (0 = free port).")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 = free port).")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus port (0 = free).")
+    model_repository: Path = Field(
+        REPO_ROOT / "model_repository", description="Model repository Triton serves."
+    )
+    target: Target = Field("cpu", description="cpu: python-backend runners; ngc: FIL/onnxruntime.")
+    startup_timeout_s: float = Field(180.0, gt=0, description="Deadline for all models READY.")
+    log_verbose: int = Field(0, ge=0, description="tritonserver --log-verbose level.")
+    exit_timeout_s: int = Field(10, ge=0, description="Grace period for in-flight requests.")
+
+
+class RedisSettings(BaseModel):
+    """The online feature store."""
+
+    host: str = Field("127.0.0.1", description="Redis host.")
+    port: int = Field(6380, ge=0, le=65535, description="Redis port (0 = free port).")
+    db: int = Field(0, ge=0, description="Redis logical database.")
+    timeout_ms: float = Field(10.0, gt=0, description="Socket timeout of feature fetches.")
+    key_prefix: str = Field("features", description="Key schema: {prefix}:{entity}:{id}.")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class FeatureSettings(BaseModel):
+    """Feature assembly inside Triton."""
+
+    cache_max_entities: int = Field(10_000, ge=0, description="Hot-entity LRU size (0 = off).")
+    cache_ttl_s: float = Field(5.0, ge=0, description="Hot-entity cache TTL in seconds.")
+    breaker_failure_threshold: int = Field(3, ge=1, description="Failures before breaker opens.")
+    breaker_reset_timeout_s: float = Field(1.0, gt=0, description="Open time before a trial.")
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic batching of every composing model (bounded queues, no unbounded waits)."""
+
+    max_batch_size: int = Field(64, ge=1, description="Largest batch a model accepts.")
+    max_queue_delay_us: int = Field(200, ge=0, description="Wait to form a batch (tuned).")
+    max_queue_size: int = Field(512, ge=1, description="Queued requests before rejecting.")
+    queue_timeout_us: int = Field(
+        100_000, ge=0, description="Queued longer than this -> rejected (client may override)."
+    )
+
+
+class PostprocessSettings(BaseModel):
+    """Fallback behaviour of the postprocess models."""
+
+    fallback_model: str = Field(
+        "fraud_context_lr", description="Context-only model used when features are missing."
+    )
+    fallback_timeout_ms: int = Field(50, ge=1, description="Deadline of the fallback call.")
+    blend_weights: dict[str, float] = Field(
+        default_factory=lambda: {"fraud_xgb": 0.6, "fraud_nn": 0.4},
+        description="Weights of fraud_blend_pipeline.",
+    )
+
+
+class Settings(BaseSettings):
+    """Everything rtinfer needs; defaults run a complete local stack."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RTINFER_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    state_dir: Path = Field(REPO_ROOT / ".rtinfer", description="Pid files, logs, data.")
+    seed: int = Field(7, description="Seed of the synthetic data and demo models.")
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
