@@ -54,7 +54,7 @@ class FeatureSpec(BaseModel):
 
     schema_version: Literal[1] = 1
     features: list[FeatureDef] = Field(min_length=1)
-    #: online group -> name of the request field holding the entity id (e.g. user -> user_id)
+    #: online group -> request field holding its entity id (user -> user_id)
     entity_keys: dict[FeatureGroup, str] = Field(
         default_factory=lambda: {"user": "user_id", "merchant": "merchant_id"}
     )
@@ -102,7 +102,7 @@ class ModelMetadata(BaseModel):
     model_name: str
     version: int = Field(ge=1)
     kind: Literal["xgboost", "mlp", "logistic_regression"]
-    #: artifact files in the version directory, e.g. {"onnx": "model.onnx", "xgboost": "xgboost.json"}
+    #: artifact files in the version directory, e.g. {"onnx": "model.onnx"}
     artifacts: dict[str, str]
     input_name: str = "input__0"
     output_name: str = "output__0"

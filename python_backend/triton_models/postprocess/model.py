@@ -1,0 +1,207 @@
+"""Triton python-backend shell of the postprocess step (threshold, label, fallback).
+
+Inputs ``probabilities`` (FP32 [rows, 2]), ``feature_store_ok`` (BOOL [rows, 1]) and
+``features`` (FP32 [rows, n_features]); outputs ``prediction``, ``label``, ``confidence``,
+``degraded`` and ``degraded_reason`` ([rows, 1] each). Rows scored without online features are
+re-scored by a BLS call to the ``fallback_model`` (one call per batch). The logic lives in
+:mod:`python_backend.postprocess`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backend.postprocess import Postprocessor, PostprocessOutput, PostprocessStats
+from python_backend.triton_config import (
+    get_param,
+    model_config,
+    param_float,
+    param_int,
+    param_list,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class FallbackError(RuntimeError):
+    """The fallback model answered with an error or without the expected output."""
+
+
+class BlsFallback:
+    """Scores rows with another Triton model through a BLS request."""
+
+    def __init__(self, model_name: str, input_name: str, output_name: str, timeout_ms: int) -> None:
+        self.model_name = model_name
+        self._input = input_name
+        self._output = output_name
+        self._timeout_us = max(timeout_ms, 0) * 1000
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        request = pb_utils.InferenceRequest(
+            model_name=self.model_name,
+            requested_output_names=[self._output],
+            inputs=[pb_utils.Tensor(self._input, np.ascontiguousarray(x, dtype=np.float32))],
+            timeout=self._timeout_us,
+        )
+        response = request.exec()
+        if response.has_error():
+            raise FallbackError(f"{self.model_name}: {response.error().message()}")
+        output = pb_utils.get_output_tensor_by_name(response, self._output)
+        if output is None:
+            raise FallbackError(f"{self.model_name} returned no {self._output}")
+        return output.as_numpy()
+
+
+class _Metrics:
+    def __init__(self, labels: dict[str, str], class_names: list[str], reasons: list[str]) -> None:
+        counter = pb_utils.MetricFamily.COUNTER
+        # Triton requires a MetricFamily to outlive its Metric objects: keep every family.
+        self._predictions = pb_utils.MetricFamily(
+            name="rtinfer_predictions_total",
+            description="Predictions served, by label",
+            kind=counter,
+        )
+        self._degraded = pb_utils.MetricFamily(
+            name="rtinfer_degraded_predictions_total",
+            description="Predictions served without online features, by fallback used",
+            kind=counter,
+        )
+        self._errors = pb_utils.MetricFamily(
+            name="rtinfer_fallback_errors_total",
+            description="Fallback calls that failed (class prior served instead)",
+            kind=counter,
+        )
+        self._by_label = {
+            name: self._predictions.Metric(labels={**labels, "label": name}) for name in class_names
+        }
+        self._by_reason = {
+            r: self._degraded.Metric(labels={**labels, "reason": r}) for r in reasons
+        }
+        self._fallback_errors = self._errors.Metric(labels=labels)
+
+    def publish(
+        self, out: PostprocessOutput, before: PostprocessStats, after: PostprocessStats
+    ) -> None:
+        names, counts = np.unique(out.label, return_counts=True)
+        for name, count in zip(names.tolist(), counts.tolist(), strict=True):
+            self._by_label[name].increment(count)
+        reasons, counts = np.unique(out.degraded_reason[out.degraded], return_counts=True)
+        for reason, count in zip(reasons.tolist(), counts.tolist(), strict=True):
+            self._by_reason[reason].increment(count)
+        if after.fallback_errors > before.fallback_errors:
+            self._fallback_errors.increment(after.fallback_errors - before.fallback_errors)
+
+
+def _invalid(message: str) -> Any:
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    )
+
+
+def _column(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values).reshape(-1, 1)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = model_config(args)
+        threshold = get_param(config, "threshold")
+        class_prior = get_param(config, "class_prior")
+        if threshold is None or class_prior is None:
+            raise pb_utils.TritonModelException(
+                "model parameters threshold and class_prior are required"
+            )
+        class_names = param_list(config, "class_names", str, ["legit", "fraud"])
+        fallback_model = get_param(config, "fallback_model")
+        fallback = None
+        if fallback_model is not None:
+            fallback = BlsFallback(
+                fallback_model,
+                input_name=get_param(config, "fallback_input", "input__0") or "input__0",
+                output_name=get_param(config, "fallback_output", "output__0") or "output__0",
+                timeout_ms=param_int(config, "fallback_timeout_ms", 50),
+            )
+        self._fallback_indices = param_list(config, "fallback_feature_indices", int, [])
+        if fallback is not None and not self._fallback_indices:
+            raise pb_utils.TritonModelException(
+                "model parameter fallback_feature_indices is required with a fallback_model"
+            )
+        self._post = Postprocessor(
+            threshold=param_float(config, "threshold", 0.5),
+            class_names=class_names,
+            class_prior=param_float(config, "class_prior", 0.0),
+            fallback=fallback,
+            fallback_name=fallback_model or "",
+        )
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        reasons = ["feature_store_unavailable:class_prior"]
+        if fallback_model is not None:
+            reasons.append(f"feature_store_unavailable:{fallback_model}")
+        self._metrics = _Metrics(labels, class_names, reasons)
+        logger.info(
+            "postprocess ready: threshold %s, classes %s, fallback %s",
+            threshold,
+            class_names,
+            fallback_model or "class prior",
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        batch: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+        for i, request in enumerate(requests):
+            try:
+                batch.append((i, self._read(request)))
+            except ValueError as exc:
+                responses[i] = _invalid(str(exc))
+        if not batch:
+            return responses
+        before = dataclasses.replace(self._post.stats)
+        try:
+            out = self._post.process(
+                np.concatenate([inputs[0] for _, inputs in batch]),
+                np.concatenate([inputs[1] for _, inputs in batch]),
+                np.concatenate([inputs[2] for _, inputs in batch]),
+                self._fallback_indices,
+            )
+        except Exception as exc:
+            logger.exception("postprocess failed for a batch of %d requests", len(batch))
+            error = pb_utils.TritonError(f"postprocess failed: {exc}")
+            for i, _ in batch:
+                responses[i] = pb_utils.InferenceResponse(error=error)
+            return responses
+        start = 0
+        for i, inputs in batch:
+            end = start + len(inputs[0])
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("prediction", _column(out.prediction[start:end])),
+                    pb_utils.Tensor("label", _column(out.label[start:end])),
+                    pb_utils.Tensor("confidence", _column(out.confidence[start:end])),
+                    pb_utils.Tensor("degraded", _column(out.degraded[start:end])),
+                    pb_utils.Tensor("degraded_reason", _column(out.degraded_reason[start:end])),
+                ]
+            )
+            start = end
+        try:
+            self._metrics.publish(out, before, self._post.stats)
+        except Exception:
+            logger.exception("publishing postprocess metrics failed")
+        return responses
+
+    def _read(self, request: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        arrays = []
+        for name in ("probabilities", "feature_store_ok", "features"):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name}")
+            arrays.append(tensor.as_numpy())
+        probabilities, ok, features = arrays
+        return self._post.check_inputs(probabilities, ok.reshape(-1), features)
+
+    def finalize(self) -> None:
+        logger.info("postprocess unloading")
