@@ -1,0 +1,109 @@
+"""The rendered repository is valid for both the local CPU target and NVIDIA's container."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from rtinfer.render import PIPELINES, RenderError, render_repository
+from rtinfer.settings import BatchingSettings, Settings
+
+
+def _parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.fixture()
+def repo(built_repository: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "repo"
+    shutil.copytree(built_repository, dest)
+    return dest
+
+
+def _io(config: mc.ModelConfig) -> tuple[list[tuple[str, int, list[int]]], ...]:
+    ins = [(t.name, t.data_type, list(t.dims)) for t in config.input]
+    outs = [(t.name, t.data_type, list(t.dims)) for t in config.output]
+    return ins, outs
+
+
+def test_cpu_and_ngc_scorers_have_identical_interfaces(repo: Path) -> None:
+    settings = Settings()
+    render_repository(repo, settings, "cpu")
+    cpu = {m: _parse(repo / m / "config.pbtxt") for m in ("fraud_xgb", "fraud_nn")}
+    assert (repo / "fraud_xgb" / "1" / "model.py").exists()
+    render_repository(repo, settings, "ngc")
+    ngc = {m: _parse(repo / m / "config.pbtxt") for m in ("fraud_xgb", "fraud_nn")}
+    for m in cpu:
+        assert _io(cpu[m]) == _io(ngc[m])
+        assert _io(cpu[m]) == (
+            [("input__0", mc.TYPE_FP32, [50])],
+            [("output__0", mc.TYPE_FP32, [2])],
+        )
+    assert cpu["fraud_xgb"].backend == "python"
+    assert not (repo / "fraud_xgb" / "1" / "model.py").exists()
+
+
+def test_fil_config_for_xgboost_json(repo: Path) -> None:
+    render_repository(repo, Settings(), "ngc")
+    fil = _parse(repo / "fraud_xgb" / "config.pbtxt")
+    assert fil.backend == "fil"
+    params = {k: v.string_value for k, v in fil.parameters.items()}
+    assert params["model_type"] == "xgboost_json"
+    assert params["output_class"] == "true"
+    assert params["predict_proba"] == "true"
+    assert fil.default_model_filename == "xgboost.json"
+    assert (repo / "fraud_xgb" / "1" / "xgboost.json").exists()
+    ort_cfg = _parse(repo / "fraud_nn" / "config.pbtxt")
+    assert ort_cfg.backend == "onnxruntime"
+    assert (repo / "fraud_nn" / "1" / ort_cfg.default_model_filename).exists()
+
+
+def test_every_model_has_bounded_dynamic_batching(repo: Path) -> None:
+    settings = Settings(batching=BatchingSettings(max_batch_size=32, max_queue_size=100))
+    models = render_repository(repo, settings, "cpu")
+    for name in models:
+        config = _parse(repo / name / "config.pbtxt")
+        assert config.max_batch_size == 32, name
+        if config.platform == "ensemble":
+            continue
+        policy = config.dynamic_batching.default_queue_policy
+        assert config.HasField("dynamic_batching"), name
+        assert policy.max_queue_size == 100, name
+        assert policy.default_timeout_microseconds > 0, name
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+
+
+def test_ensembles_reference_rendered_models_with_matching_tensors(repo: Path) -> None:
+    models = set(render_repository(repo, Settings(), "cpu"))
+    for pipe in PIPELINES:
+        ens = _parse(repo / pipe.ensemble / "config.pbtxt")
+        assert ens.platform == "ensemble"
+        produced = {t.name for t in ens.input}
+        for step in ens.ensemble_scheduling.step:
+            assert step.model_name in models
+            step_cfg = _parse(repo / step.model_name / "config.pbtxt")
+            assert set(step.input_map) == {t.name for t in step_cfg.input}, step.model_name
+            assert set(step.input_map.values()) <= produced, step.model_name
+            assert set(step.output_map) <= {t.name for t in step_cfg.output}
+            produced |= set(step.output_map.values())
+        assert {t.name for t in ens.output} <= produced
+
+
+def test_postprocess_gets_threshold_prior_and_fallback_indices(repo: Path) -> None:
+    render_repository(repo, Settings(), "cpu")
+    cfg = _parse(repo / "fraud_xgb_postprocess" / "config.pbtxt")
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert 0 < float(params["threshold"]) < 1
+    assert 0 < float(params["class_prior"]) < 0.2
+    assert params["fallback_model"] == "fraud_context_lr"
+    assert params["fallback_feature_indices"] == ",".join(str(i) for i in range(40, 50))
+
+
+def test_missing_model_is_a_clear_error(repo: Path) -> None:
+    shutil.rmtree(repo / "fraud_nn")
+    with pytest.raises(RenderError, match="fraud_nn"):
+        render_repository(repo, Settings(), "cpu")

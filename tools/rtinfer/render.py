@@ -1,0 +1,322 @@
+"""Render the Triton model repository from trained artifacts and ``ensembles/``.
+
+Trained models live in ``<repository>/<model>/<version>/`` (XGBoost JSON and/or ONNX, plus
+feature spec, training statistics and metadata). Rendering writes every ``config.pbtxt`` for the
+chosen target and places the thin python-backend shells:
+
+* ``cpu`` - the scoring models run in the python backend on ONNX Runtime (``onnx_runner``).
+* ``ngc`` - NVIDIA's Triton container: ``fraud_xgb`` on the FIL backend (XGBoost JSON),
+  ``fraud_nn``/``fraud_context_lr`` on the onnxruntime backend.
+
+Both targets expose identical tensor names, dtypes and shapes, so the ensembles are the same.
+Configs are built as ``ModelConfig`` protobufs, so a rendered file always parses.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from python_backend.feature_spec import (
+    FEATURE_SPEC_FILE,
+    METADATA_FILE,
+    TRAINING_STATS_FILE,
+    FeatureSpec,
+    ModelMetadata,
+    TrainingStats,
+)
+from rtinfer.settings import REPO_ROOT, Settings, Target
+
+log = logging.getLogger(__name__)
+
+ENSEMBLES_DIR = REPO_ROOT / "ensembles"
+SHELLS_DIR = REPO_ROOT / "python_backend" / "triton_models"
+
+SCORERS = ("fraud_xgb", "fraud_nn", "fraud_context_lr")
+CONTEXT_DIM = 10
+
+
+class RenderError(RuntimeError):
+    """The repository cannot be rendered (missing or inconsistent artifacts)."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An ensemble and the model whose probabilities its postprocess step turns into labels."""
+
+    ensemble: str
+    postprocess: str
+    scorers: tuple[str, ...]
+
+
+PIPELINES = (
+    Pipeline("fraud_xgb_pipeline", "fraud_xgb_postprocess", ("fraud_xgb",)),
+    Pipeline("fraud_nn_pipeline", "fraud_nn_postprocess", ("fraud_nn",)),
+    Pipeline("fraud_blend_pipeline", "fraud_blend_postprocess", ("fraud_xgb", "fraud_nn")),
+)
+
+
+def latest_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if not versions:
+        raise RenderError(
+            f"no numeric version directory in {model_dir}; run `rtinfer models build`"
+        )
+    return max(versions)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    name: str
+    version: int
+    path: Path
+    metadata: ModelMetadata
+    spec: FeatureSpec
+    stats: TrainingStats
+
+    @classmethod
+    def load(cls, repository: Path, name: str) -> TrainedModel:
+        model_dir = repository / name
+        if not model_dir.is_dir():
+            raise RenderError(f"model {name} not found in {repository}; run `rtinfer models build`")
+        version = latest_version(model_dir)
+        path = model_dir / str(version)
+        try:
+            return cls(
+                name=name,
+                version=version,
+                path=path,
+                metadata=ModelMetadata.load(path / METADATA_FILE),
+                spec=FeatureSpec.load(path / FEATURE_SPEC_FILE),
+                stats=TrainingStats.load(path / TRAINING_STATS_FILE),
+            )
+        except (OSError, ValueError) as exc:
+            raise RenderError(f"{name} version {version} is incomplete: {exc}") from exc
+
+
+def _tensor(name: str, dtype: int, dims: Iterable[int]) -> dict[str, object]:
+    return {"name": name, "data_type": dtype, "dims": list(dims)}
+
+
+def _set_params(config: mc.ModelConfig, params: dict[str, object]) -> None:
+    for key, value in params.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _dynamic_batching(config: mc.ModelConfig, settings: Settings) -> None:
+    b = settings.batching
+    config.max_batch_size = b.max_batch_size
+    db = config.dynamic_batching
+    db.max_queue_delay_microseconds = b.max_queue_delay_us
+    policy = db.default_queue_policy
+    policy.max_queue_size = b.max_queue_size
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = b.queue_timeout_us
+    policy.allow_timeout_override = True
+
+
+def _python_model(name: str, settings: Settings) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, backend="python")
+    _dynamic_batching(config, settings)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    return config
+
+
+def scorer_config(model: TrainedModel, settings: Settings, target: Target) -> mc.ModelConfig:
+    """One scoring model: input__0 FP32 [n_features] -> output__0 FP32 [2] on every target."""
+    md = model.metadata
+    if target == "cpu":
+        if "onnx" not in md.artifacts:
+            raise RenderError(f"{model.name} has no ONNX artifact for the cpu target")
+        config = _python_model(model.name, settings)
+        _set_params(config, {"model_file": md.artifacts["onnx"], "intra_op_threads": 1})
+    elif md.kind == "xgboost":
+        config = mc.ModelConfig(name=model.name, backend="fil")
+        _dynamic_batching(config, settings)
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO)
+        # binary classifier with predict_proba -> [P(class 0), P(class 1)] per row
+        _set_params(
+            config,
+            {
+                "model_type": "xgboost_json",
+                "output_class": "true",
+                "predict_proba": "true",
+                "use_experimental_optimizations": "true",
+            },
+        )
+        config.default_model_filename = md.artifacts["xgboost"]
+    else:
+        config = mc.ModelConfig(name=model.name, backend="onnxruntime")
+        _dynamic_batching(config, settings)
+        config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_AUTO)
+        config.default_model_filename = md.artifacts["onnx"]
+    config.input.add(**_tensor(md.input_name, mc.TYPE_FP32, [md.n_features]))
+    config.output.add(**_tensor(md.output_name, mc.TYPE_FP32, [2]))
+    # first inference pays one-off costs (session init, allocations): pay them at load time
+    warmup = config.model_warmup.add(name="zeros", batch_size=1)
+    warmup.inputs[md.input_name].data_type = mc.TYPE_FP32
+    warmup.inputs[md.input_name].dims.append(md.n_features)
+    warmup.inputs[md.input_name].zero_data = True
+    return config
+
+
+def assembler_config(spec: FeatureSpec, settings: Settings) -> mc.ModelConfig:
+    config = _python_model("feature_assembler", settings)
+    n_context = len(spec.indices("context"))
+    config.input.add(**_tensor("user_id", mc.TYPE_STRING, [1]))
+    config.input.add(**_tensor("merchant_id", mc.TYPE_STRING, [1]))
+    config.input.add(**_tensor("context", mc.TYPE_FP32, [n_context]))
+    config.output.add(**_tensor("features", mc.TYPE_FP32, [spec.n_features]))
+    config.output.add(**_tensor("imputed_count", mc.TYPE_INT32, [1]))
+    config.output.add(**_tensor("feature_store_ok", mc.TYPE_BOOL, [1]))
+    r, f = settings.redis, settings.features
+    _set_params(
+        config,
+        {
+            "feature_spec": FEATURE_SPEC_FILE,
+            "redis_url": r.url,
+            "redis_timeout_ms": r.timeout_ms,
+            "key_prefix": r.key_prefix,
+            "cache_max_entities": f.cache_max_entities,
+            "cache_ttl_s": f.cache_ttl_s,
+            "breaker_failure_threshold": f.breaker_failure_threshold,
+            "breaker_reset_timeout_s": f.breaker_reset_timeout_s,
+        },
+    )
+    return config
+
+
+def blend_config(settings: Settings, scorers: tuple[str, ...]) -> mc.ModelConfig:
+    config = _python_model("fraud_blend", settings)
+    for i, _ in enumerate(scorers):
+        config.input.add(**_tensor(f"probabilities_{i}", mc.TYPE_FP32, [2]))
+    config.output.add(**_tensor("probabilities", mc.TYPE_FP32, [2]))
+    weights = settings.postprocess.blend_weights
+    missing = [s for s in scorers if s not in weights]
+    if missing:
+        raise RenderError(f"blend weights missing for {missing}; set RTINFER_POSTPROCESS__...")
+    _set_params(config, {"weights": ",".join(str(weights[s]) for s in scorers)})
+    return config
+
+
+def postprocess_config(
+    name: str,
+    scorers: list[TrainedModel],
+    fallback: TrainedModel | None,
+    settings: Settings,
+) -> mc.ModelConfig:
+    """Label/confidence from the scorer(s); fallback scoring when features are unavailable."""
+    spec = scorers[0].spec
+    if fallback is not None:
+        missing = [n for n in fallback.spec.names if n not in spec.names]
+        if missing:
+            raise RenderError(f"fallback {fallback.name} needs features {missing} not served")
+        indices = [spec.names.index(n) for n in fallback.spec.names]
+    else:
+        indices = []
+    if len(scorers) == 1:
+        threshold = scorers[0].metadata.threshold
+    else:
+        # blended score: weight-averaged operating point of the blended models
+        w = settings.postprocess.blend_weights
+        total = sum(w[s.name] for s in scorers)
+        threshold = sum(w[s.name] * s.metadata.threshold for s in scorers) / total
+    config = _python_model(name, settings)
+    config.input.add(**_tensor("probabilities", mc.TYPE_FP32, [2]))
+    config.input.add(**_tensor("feature_store_ok", mc.TYPE_BOOL, [1]))
+    config.input.add(**_tensor("features", mc.TYPE_FP32, [spec.n_features]))
+    for out, dtype in (
+        ("prediction", mc.TYPE_FP32),
+        ("label", mc.TYPE_STRING),
+        ("confidence", mc.TYPE_FP32),
+        ("degraded", mc.TYPE_BOOL),
+        ("degraded_reason", mc.TYPE_STRING),
+    ):
+        config.output.add(**_tensor(out, dtype, [1]))
+    _set_params(
+        config,
+        {
+            "threshold": f"{threshold:.6f}",
+            "class_names": ",".join(scorers[0].metadata.class_names),
+            "class_prior": f"{scorers[0].stats.class_prior:.6f}",
+            "fallback_model": fallback.name if fallback is not None else "",
+            "fallback_input": fallback.metadata.input_name if fallback is not None else "",
+            "fallback_output": fallback.metadata.output_name if fallback is not None else "",
+            "fallback_feature_indices": ",".join(map(str, indices)),
+            "fallback_timeout_ms": settings.postprocess.fallback_timeout_ms,
+        },
+    )
+    return config
+
+
+def ensemble_config(name: str, settings: Settings) -> mc.ModelConfig:
+    path = ENSEMBLES_DIR / f"{name}.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    config.max_batch_size = settings.batching.max_batch_size
+    return config
+
+
+def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / "config.pbtxt.tmp"
+    tmp.write_text(text_format.MessageToString(config))
+    tmp.replace(model_dir / "config.pbtxt")
+
+
+def _place_shell(version_dir: Path, shell: str | None) -> None:
+    """Put (or, for non-python backends, remove) the python-backend ``model.py``."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    target = version_dir / "model.py"
+    if shell is None:
+        target.unlink(missing_ok=True)
+        return
+    shutil.copyfile(SHELLS_DIR / shell / "model.py", target)
+
+
+def render_repository(repository: Path, settings: Settings, target: Target = "cpu") -> list[str]:
+    """Write every config of ``repository``; return the model names Triton must load."""
+    trained = {name: TrainedModel.load(repository, name) for name in SCORERS}
+    spec = trained["fraud_xgb"].spec
+    if trained["fraud_nn"].spec.names != spec.names:
+        raise RenderError("fraud_xgb and fraud_nn must share one feature spec")
+    if len(spec.indices("context")) != CONTEXT_DIM:
+        raise RenderError(f"ensembles take {CONTEXT_DIM} context features")
+    fallback_name = settings.postprocess.fallback_model
+    fallback = trained.get(fallback_name) if fallback_name else None
+    if fallback_name and fallback is None:
+        raise RenderError(f"fallback model {fallback_name!r} is not a trained model")
+
+    models: list[str] = []
+    for name, model in trained.items():
+        write_config(repository / name, scorer_config(model, settings, target))
+        _place_shell(model.path, "onnx_runner" if target == "cpu" else None)
+        models.append(name)
+
+    assembler_dir = repository / "feature_assembler"
+    write_config(assembler_dir, assembler_config(spec, settings))
+    _place_shell(assembler_dir / "1", "feature_assembler")
+    spec.save(assembler_dir / "1" / FEATURE_SPEC_FILE)
+    models.append("feature_assembler")
+
+    blend_scorers = next(p.scorers for p in PIPELINES if p.ensemble == "fraud_blend_pipeline")
+    write_config(repository / "fraud_blend", blend_config(settings, blend_scorers))
+    _place_shell(repository / "fraud_blend" / "1", "blend")
+    models.append("fraud_blend")
+
+    for pipe in PIPELINES:
+        scorers = [trained[s] for s in pipe.scorers]
+        post_dir = repository / pipe.postprocess
+        write_config(post_dir, postprocess_config(pipe.postprocess, scorers, fallback, settings))
+        _place_shell(post_dir / "1", "postprocess")
+        models.append(pipe.postprocess)
+        write_config(repository / pipe.ensemble, ensemble_config(pipe.ensemble, settings))
+        (repository / pipe.ensemble / "1").mkdir(parents=True, exist_ok=True)
+        models.append(pipe.ensemble)
+    log.info("rendered %d models for target %s into %s", len(models), target, repository)
+    return models
