@@ -63,7 +63,7 @@ class BatchingSettings(BaseModel):
     max_queue_delay_us: int = Field(200, ge=0, description="Wait to form a batch (tuned).")
     max_queue_size: int = Field(512, ge=1, description="Queued requests before rejecting.")
     queue_timeout_us: int = Field(
-        100_000, ge=0, description="Queued longer than this -> rejected (client may override)."
+        1_000_000, ge=1, description="Queued longer than this -> rejected (client may lower it)."
     )
 
 

@@ -113,13 +113,18 @@ def triton_argv(
 def triton_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    # the server finds its libraries through its rpath; the stub (a separate binary) does not
+    libs = pytriton_server_dir().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p
+    )
     env.pop("PYTHONHOME", None)
     return env
 
 
 def http_ok(url: str, timeout_s: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             return bool(resp.status == 200)
     except OSError:
         return False
@@ -140,12 +145,18 @@ def start_triton(
     argv = triton_argv(repository, backend_dir, ports, models, log_verbose, exit_timeout_s)
     proc = spawn("triton", argv, state_dir / "triton.log", env=triton_env())
     base = f"http://{ports.http_url}"
-    wait_until(
-        lambda: http_ok(f"{base}/v2/health/ready")
-        and all(http_ok(f"{base}/v2/models/{m}/ready") for m in models),
-        timeout_s=startup_timeout_s,
-        proc=proc,
-        what="Triton and all models READY",
-        interval_s=0.25,
-    )
+    try:
+        wait_until(
+            lambda: (
+                http_ok(f"{base}/v2/health/ready")
+                and all(http_ok(f"{base}/v2/models/{m}/ready") for m in models)
+            ),
+            timeout_s=startup_timeout_s,
+            proc=proc,
+            what="Triton and all models READY",
+            interval_s=0.25,
+        )
+    except BaseException:
+        proc.stop()
+        raise
     return proc

@@ -1,0 +1,185 @@
+"""``rtinfer``: run the local inference stack, build the demo models, send predictions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import redis
+import typer
+
+from rtinfer import stack as stack_mod
+from rtinfer.client import CONTEXT_FEATURES, FraudClient
+from rtinfer.features import load_demo_features
+from rtinfer.render import RenderError, render_repository
+from rtinfer.settings import Settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+stack_app = typer.Typer(help="Start, stop and inspect the local Redis + Triton stack.")
+models_app = typer.Typer(help="Train the demo models and render the model repository.")
+features_app = typer.Typer(help="Manage the online feature store.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(models_app, name="models")
+app.add_typer(features_app, name="features")
+
+log = logging.getLogger("rtinfer")
+
+TargetOpt = Annotated[
+    str, typer.Option("--target", help="cpu (python backend) or ngc (FIL/onnxruntime).")
+]
+RepoOpt = Annotated[Path | None, typer.Option("--repository", help="Model repository path.")]
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": round(record.created, 3),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _echo_json(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2))
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@models_app.command("build")
+def models_build(
+    target: TargetOpt = "cpu",
+    repository: RepoOpt = None,
+    rows: Annotated[int, typer.Option(help="Synthetic training transactions.")] = 60_000,
+) -> None:
+    """Generate the synthetic data, train fraud_xgb / fraud_nn / fraud_context_lr, render."""
+    from rtinfer.demo.train import build_demo_models
+
+    settings = _settings()
+    repo = (repository or settings.triton.model_repository).resolve()
+    started = time.monotonic()
+    built = build_demo_models(repo, seed=settings.seed, n_rows=rows)
+    models = render_repository(repo, settings, target)  # type: ignore[arg-type]
+    typer.echo(f"built {', '.join(built)} in {time.monotonic() - started:.1f}s")
+    typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
+
+
+@models_app.command("render")
+def models_render(target: TargetOpt = "cpu", repository: RepoOpt = None) -> None:
+    """Re-render every config.pbtxt (e.g. for the NGC container) without retraining."""
+    settings = _settings()
+    repo = (repository or settings.triton.model_repository).resolve()
+    try:
+        models = render_repository(repo, settings, target)  # type: ignore[arg-type]
+    except RenderError as exc:
+        _fail(str(exc))
+    typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
+
+
+@features_app.command("load")
+def features_load(
+    url: Annotated[str | None, typer.Option(help="Redis URL (default: the running stack).")] = None,
+) -> None:
+    """Write the demo users and merchants into Redis."""
+    settings = _settings()
+    if url is None:
+        state = stack_mod.StackState.load(settings.state_dir)
+        url = state.redis_url if state is not None else settings.redis.url
+    client = redis.Redis.from_url(url)
+    n = load_demo_features(client, seed=settings.seed, prefix=settings.redis.key_prefix)
+    typer.echo(f"loaded {n} entities into {url}")
+
+
+@stack_app.command("up")
+def stack_up(
+    features: Annotated[bool, typer.Option(help="Seed the demo features.")] = True,
+) -> None:
+    """Start Redis and Triton (explicit model control), wait until every model is READY."""
+    settings = _settings()
+    try:
+        state = stack_mod.up(settings, load_features=features)
+    except (stack_mod.StackError, RenderError, RuntimeError) as exc:
+        _fail(str(exc))
+    ports = state.triton_ports
+    typer.echo(f"redis   {state.redis_url}")
+    typer.echo(
+        f"triton  http://{ports.http_url}  grpc {ports.grpc_url}  "
+        f"metrics http://{ports.host}:{ports.metrics}/metrics"
+    )
+    typer.echo(f"models  {', '.join(state.models)}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the running stack."""
+    stopped = stack_mod.down(_settings())
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show pids, ports and readiness of each service."""
+    _echo_json(stack_mod.status(_settings()))
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[str, typer.Option(help="Ensemble to call.")] = "fraud_xgb_pipeline",
+    user_id: Annotated[str, typer.Option(help="User entity id.")] = "u_000042",
+    merchant_id: Annotated[str, typer.Option(help="Merchant entity id.")] = "m_00007",
+    context: Annotated[
+        str,
+        typer.Option(help=f"JSON object of request context; keys: {', '.join(CONTEXT_FEATURES)}"),
+    ] = '{"amount": 129.99, "hour_of_day": 2, "day_of_week": 5, "channel": 1, '
+    '"is_international": 1, "card_present": 0, "device_age_days": 3, "ip_risk_score": 0.7, '
+    '"distance_from_home_km": 850, "is_new_device": 1}',
+    protocol: Annotated[str, typer.Option(help="http or grpc.")] = "http",
+    features: Annotated[bool, typer.Option(help="Also print the served feature vector.")] = False,
+) -> None:
+    """Send one prediction request to the running stack and print the result."""
+    settings = _settings()
+    try:
+        state = stack_mod.require_running(settings)
+        ctx = json.loads(context)
+    except (stack_mod.StackError, json.JSONDecodeError) as exc:
+        _fail(str(exc))
+    ports = state.triton_ports
+    url = ports.http_url if protocol == "http" else ports.grpc_url
+    with FraudClient(url, protocol) as client:  # type: ignore[arg-type]
+        try:
+            started = time.perf_counter()
+            result = client.predict_one(model, user_id, merchant_id, ctx)
+        except Exception as exc:  # tritonclient raises its own InferenceServerException
+            _fail(f"{type(exc).__name__}: {exc}")
+    out = {
+        "model": model,
+        "user_id": user_id,
+        "merchant_id": merchant_id,
+        **result.to_dict(with_features=features),
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    _echo_json(out)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,140 @@
+"""Call the fraud ensembles over Triton's HTTP or gRPC protocol with ``tritonclient``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+Protocol = Literal["http", "grpc"]
+
+CONTEXT_FEATURES = (
+    "amount",
+    "hour_of_day",
+    "day_of_week",
+    "channel",
+    "is_international",
+    "card_present",
+    "device_age_days",
+    "ip_risk_score",
+    "distance_from_home_km",
+    "is_new_device",
+)
+
+OUTPUTS = (
+    "prediction",
+    "label",
+    "confidence",
+    "degraded",
+    "degraded_reason",
+    "imputed_count",
+    "features",
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One row of an ensemble response."""
+
+    prediction: float
+    label: str
+    confidence: float
+    degraded: bool
+    degraded_reason: str
+    imputed_count: int
+    features: list[float]
+
+    def to_dict(self, with_features: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_features:
+            out.pop("features")
+        return out
+
+
+def context_vector(context: Mapping[str, float]) -> list[float]:
+    """Request context in model order; a missing feature is sent as NaN (imputed in Triton)."""
+    unknown = set(context) - set(CONTEXT_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown context features: {sorted(unknown)}")
+    return [float(context.get(name, float("nan"))) for name in CONTEXT_FEATURES]
+
+
+def _inputs(
+    module: Any, user_ids: Sequence[str], merchant_ids: Sequence[str], context: Any
+) -> list:
+    ctx = np.asarray(context, dtype=np.float32).reshape(len(user_ids), -1)
+    tensors = [
+        ("user_id", np.array([[u.encode()] for u in user_ids], dtype=object), "BYTES"),
+        ("merchant_id", np.array([[m.encode()] for m in merchant_ids], dtype=object), "BYTES"),
+        ("context", ctx, "FP32"),
+    ]
+    out = []
+    for name, arr, dtype in tensors:
+        inp = module.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        out.append(inp)
+    return out
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FraudClient:
+    """Thin wrapper over tritonclient for the fraud ensembles (one row or a small batch)."""
+
+    def __init__(self, url: str, protocol: Protocol = "http", timeout_s: float = 10.0) -> None:
+        self.protocol = protocol
+        self._module: Any = httpclient if protocol == "http" else grpcclient
+        if protocol == "http":
+            self._client: Any = httpclient.InferenceServerClient(
+                url, connection_timeout=timeout_s, network_timeout=timeout_s
+            )
+        else:
+            self._client = grpcclient.InferenceServerClient(url)
+        self._timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> FraudClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def predict(
+        self,
+        model: str,
+        user_ids: Sequence[str],
+        merchant_ids: Sequence[str],
+        context: Sequence[Sequence[float]],
+    ) -> list[Prediction]:
+        inputs = _inputs(self._module, user_ids, merchant_ids, context)
+        outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
+        kwargs: dict[str, Any] = {}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self._timeout_s
+        result = self._client.infer(model, inputs, outputs=outputs, **kwargs)
+        cols = {name: result.as_numpy(name) for name in OUTPUTS}
+        return [
+            Prediction(
+                prediction=float(cols["prediction"][i][0]),
+                label=_decode(cols["label"][i][0]),
+                confidence=float(cols["confidence"][i][0]),
+                degraded=bool(cols["degraded"][i][0]),
+                degraded_reason=_decode(cols["degraded_reason"][i][0]),
+                imputed_count=int(cols["imputed_count"][i][0]),
+                features=[float(v) for v in cols["features"][i]],
+            )
+            for i in range(len(user_ids))
+        ]
+
+    def predict_one(
+        self, model: str, user_id: str, merchant_id: str, context: Mapping[str, float]
+    ) -> Prediction:
+        return self.predict(model, [user_id], [merchant_id], [context_vector(context)])[0]
