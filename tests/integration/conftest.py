@@ -1,0 +1,62 @@
+"""Real redis-server + tritonserver on free loopback ports, started by the project's tooling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from rtinfer import stack
+from rtinfer.client import FraudClient
+from rtinfer.settings import FeatureSettings, RedisSettings, Settings, TritonSettings
+
+
+@pytest.fixture(scope="session")
+def stack_settings(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        state_dir=tmp_path_factory.mktemp("state"),
+        triton=TritonSettings(
+            http_port=0, grpc_port=0, metrics_port=0, model_repository=built_repository
+        ),
+        redis=RedisSettings(port=0),
+        # short breaker reset so recovery tests stay quick
+        features=FeatureSettings(breaker_reset_timeout_s=0.5),
+    )
+
+
+@pytest.fixture(scope="session")
+def running_stack(stack_settings: Settings) -> Iterator[stack.StackState]:
+    state = stack.up(stack_settings)
+    yield state
+    stack.down(stack_settings)
+
+
+@pytest.fixture(scope="session")
+def redis_client(running_stack: stack.StackState) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(running_stack.redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(params=["http", "grpc"], scope="session")
+def protocol(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def clients(running_stack: stack.StackState) -> Iterator[dict[str, FraudClient]]:
+    ports = running_stack.triton_ports
+    made = {
+        "http": FraudClient(ports.http_url, "http"),
+        "grpc": FraudClient(ports.grpc_url, "grpc"),
+    }
+    yield made
+    for c in made.values():
+        c.close()
+
+
+@pytest.fixture()
+def client(clients: dict[str, FraudClient], protocol: str) -> FraudClient:
+    return clients[protocol]
