@@ -50,7 +50,7 @@ def make_input_data(path: Path, n: int, seed: int) -> None:
             {
                 "user_id": {"content": [f"u_{(i * 7919) % 20000 + 1:06d}"], "shape": [1]},
                 "merchant_id": {"content": [f"m_{(i * 104729) % 2000 + 1:05d}"], "shape": [1]},
-                "context": {"content": ctx, "shape": [10]},
+                "context": {"content": [float(v) for v in ctx], "shape": [10]},
             }
         )
     path.write_text(json.dumps({"data": data}) + "\n")
@@ -68,6 +68,27 @@ def run_pa(args: list[str], log_path: Path) -> None:
     print("+", " ".join(cmd), file=sys.stderr)
     with log_path.open("w") as out:
         subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=perf_env(), check=True)
+
+
+def sweep(
+    model: str, common: list[str], flag: str, values: str, out_dir: Path, kind: str
+) -> list[dict[str, str]]:
+    """One perf_analyzer run per value (ranges are linear; we want e.g. 1,2,4,...,32)."""
+    rows: list[dict[str, str]] = []
+    for value in values.split(","):
+        csv_path = out_dir / f"{model}_{kind}_{value}.csv"
+        run_pa(
+            ["-m", model, *common, flag, value, "-f", str(csv_path)],
+            out_dir / f"{model}_{kind}_{value}.log",
+        )
+        rows += read_csv(csv_path)
+    merged = out_dir / f"{model}_{kind}.csv"
+    if rows:
+        with merged.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -160,42 +181,21 @@ def main() -> None:
     ]
     for model in args.models.split(","):
         before = metrics_snapshot(metrics_url)
-        conc_csv = out_dir / f"{model}_concurrency.csv"
-        run_pa(
-            [
-                "-m",
-                model,
-                *common,
-                "--concurrency-range",
-                f"{min(map(int, args.concurrency.split(',')))}:"
-                f"{max(map(int, args.concurrency.split(',')))}:1",
-                "-f",
-                str(conc_csv),
-            ],
-            out_dir / f"{model}_concurrency.log",
+        conc_rows = sweep(
+            model, common, "--concurrency-range", args.concurrency, out_dir, "concurrency"
         )
-        wanted = {int(c) for c in args.concurrency.split(",")}
-        conc_rows = [r for r in read_csv(conc_csv) if int(r["Concurrency"]) in wanted]
-        rate_csv = out_dir / f"{model}_rate.csv"
-        rate_rows: list[dict[str, str]] = []
-        if args.rates:
-            rates = [int(r) for r in args.rates.split(",")]
-            step = rates[1] - rates[0] if len(rates) > 1 else 1
-            run_pa(
-                [
-                    "-m",
-                    model,
-                    *common,
-                    "--request-rate-range",
-                    f"{rates[0]}:{rates[-1]}:{step}",
-                    "--max-threads",
-                    "16",
-                    "-f",
-                    str(rate_csv),
-                ],
-                out_dir / f"{model}_rate.log",
+        rate_rows = (
+            sweep(
+                model,
+                [*common, "--max-threads", "16"],
+                "--request-rate-range",
+                args.rates,
+                out_dir,
+                "rate",
             )
-            rate_rows = read_csv(rate_csv)
+            if args.rates
+            else []
+        )
         after = metrics_snapshot(metrics_url)
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         (out_dir / f"{model}_server_metrics.json").write_text(json.dumps(delta, indent=2))

@@ -20,7 +20,10 @@ CachedRow = np.ndarray | None
 
 
 class EntityCache:
-    """LRU cache with a per-entry TTL, keyed by the entity's Redis key."""
+    """LRU cache with a per-entry TTL, keyed by the entity's Redis key.
+
+    ``max_entities=0`` or ``ttl_s=0`` disables caching: every lookup misses.
+    """
 
     def __init__(
         self,
@@ -28,12 +31,13 @@ class EntityCache:
         ttl_s: float = 5.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_entities < 1:
-            raise ValueError("max_entities must be at least 1")
-        if ttl_s <= 0:
-            raise ValueError("ttl_s must be positive")
+        if max_entities < 0:
+            raise ValueError("max_entities must be >= 0")
+        if ttl_s < 0:
+            raise ValueError("ttl_s must be >= 0")
+        self.enabled = max_entities > 0 and ttl_s > 0
         self._entries: TTLCache[str, CachedRow] = TTLCache(
-            maxsize=max_entities, ttl=ttl_s, timer=timer
+            maxsize=max(max_entities, 1), ttl=ttl_s or 1.0, timer=timer
         )
         self.hits = 0
         self.misses = 0
@@ -44,6 +48,9 @@ class EntityCache:
     def lookup(self, keys: Iterable[str]) -> dict[str, CachedRow]:
         """The cached rows of ``keys``; keys that are not cached (or expired) are absent."""
         found: dict[str, CachedRow] = {}
+        if not self.enabled:
+            self.misses += sum(1 for _ in keys)
+            return found
         entries = self._entries
         misses = 0
         with entries.timer:  # one clock read for the whole lookup
@@ -58,6 +65,8 @@ class EntityCache:
 
     def put(self, key: str, row: CachedRow) -> None:
         """Cache the parsed row of ``key`` (``None``: the entity does not exist)."""
+        if not self.enabled:
+            return
         if row is not None:
             row.flags.writeable = False
         self._entries[key] = row

@@ -49,6 +49,7 @@ def redis_down(running_stack: StackState, stack_settings: Settings) -> Iterator[
     finally:
         new = start_redis(stack_settings.state_dir / "redis", running_stack.redis.port)
         running_stack.redis.pid = new.pid
+        running_stack.save(stack_settings.state_dir)  # so `stack down` stops the new one
         client = redis.Redis.from_url(running_stack.redis_url)
         load_demo_features(client, seed=stack_settings.seed)
         client.close()

@@ -61,7 +61,15 @@ def test_cached_rows_are_read_only() -> None:
         cache.lookup(["a"])["a"][0] = 5.0
 
 
-@pytest.mark.parametrize(("size", "ttl"), [(0, 5.0), (10, 0.0)])
+@pytest.mark.parametrize(("size", "ttl"), [(-1, 5.0), (10, -0.5)])
 def test_rejects_bad_settings(size: int, ttl: float) -> None:
     with pytest.raises(ValueError):
         EntityCache(max_entities=size, ttl_s=ttl)
+
+
+@pytest.mark.parametrize(("size", "ttl"), [(0, 5.0), (10, 0.0)])
+def test_zero_size_or_ttl_disables_the_cache(size: int, ttl: float) -> None:
+    cache = EntityCache(max_entities=size, ttl_s=ttl, timer=FakeTimer())
+    cache.put("a", row(1.0))
+    assert cache.lookup(["a", "b"]) == {}
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 0)

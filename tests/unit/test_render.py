@@ -63,7 +63,9 @@ def test_fil_config_for_xgboost_json(repo: Path) -> None:
 
 
 def test_every_model_has_bounded_dynamic_batching(repo: Path) -> None:
-    settings = Settings(batching=BatchingSettings(max_batch_size=32, max_queue_size=100))
+    settings = Settings(
+        batching=BatchingSettings(max_batch_size=32, max_queue_size=100, queue_policy="all")
+    )
     models = render_repository(repo, settings, "cpu")
     for name in models:
         config = _parse(repo / name / "config.pbtxt")
@@ -75,6 +77,18 @@ def test_every_model_has_bounded_dynamic_batching(repo: Path) -> None:
         assert policy.max_queue_size == 100, name
         assert policy.default_timeout_microseconds > 0, name
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+
+
+def test_default_bounds_the_pipeline_entry_queue(repo: Path) -> None:
+    """Admission is bounded at feature_assembler, the first step of every ensemble."""
+    models = render_repository(repo, Settings(), "cpu")
+    for name in models:
+        config = _parse(repo / name / "config.pbtxt")
+        if config.platform == "ensemble":
+            assert config.ensemble_scheduling.step[0].model_name == "feature_assembler"
+            continue
+        has_policy = config.dynamic_batching.HasField("default_queue_policy")
+        assert has_policy == (name == "feature_assembler"), name
 
 
 def test_ensembles_reference_rendered_models_with_matching_tensors(repo: Path) -> None:

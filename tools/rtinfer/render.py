@@ -109,11 +109,13 @@ def _set_params(config: mc.ModelConfig, params: dict[str, object]) -> None:
         config.parameters[key].string_value = str(value)
 
 
-def _dynamic_batching(config: mc.ModelConfig, settings: Settings) -> None:
+def _dynamic_batching(config: mc.ModelConfig, settings: Settings, entry: bool = False) -> None:
     b = settings.batching
     config.max_batch_size = b.max_batch_size
     db = config.dynamic_batching
     db.max_queue_delay_microseconds = b.max_queue_delay_us
+    if b.queue_policy == "none" or (b.queue_policy == "entry" and not entry):
+        return
     policy = db.default_queue_policy
     policy.max_queue_size = b.max_queue_size
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
@@ -121,10 +123,13 @@ def _dynamic_batching(config: mc.ModelConfig, settings: Settings) -> None:
     policy.allow_timeout_override = True
 
 
-def _python_model(name: str, settings: Settings) -> mc.ModelConfig:
+def _python_model(
+    name: str, settings: Settings, instances: int | None = None, entry: bool = False
+) -> mc.ModelConfig:
     config = mc.ModelConfig(name=name, backend="python")
-    _dynamic_batching(config, settings)
-    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    _dynamic_batching(config, settings, entry)
+    count = instances if instances is not None else settings.batching.instances
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=count)
     return config
 
 
@@ -167,7 +172,9 @@ def scorer_config(model: TrainedModel, settings: Settings, target: Target) -> mc
 
 
 def assembler_config(spec: FeatureSpec, settings: Settings) -> mc.ModelConfig:
-    config = _python_model("feature_assembler", settings)
+    config = _python_model(
+        "feature_assembler", settings, settings.batching.assembler_instances, entry=True
+    )
     n_context = len(spec.indices("context"))
     config.input.add(**_tensor("user_id", mc.TYPE_STRING, [1]))
     config.input.add(**_tensor("merchant_id", mc.TYPE_STRING, [1]))

@@ -60,10 +60,18 @@ class BatchingSettings(BaseModel):
     """Dynamic batching of every composing model (bounded queues, no unbounded waits)."""
 
     max_batch_size: int = Field(64, ge=1, description="Largest batch a model accepts.")
-    max_queue_delay_us: int = Field(200, ge=0, description="Wait to form a batch (tuned).")
+    max_queue_delay_us: int = Field(
+        0, ge=0, description="Wait to form a batch; 0 measured best here (docs/benchmarks.md)."
+    )
     max_queue_size: int = Field(512, ge=1, description="Queued requests before rejecting.")
+    assembler_instances: int = Field(1, ge=1, description="feature_assembler model instances.")
+    instances: int = Field(1, ge=1, description="Instances of every other composing model.")
     queue_timeout_us: int = Field(
         1_000_000, ge=1, description="Queued longer than this -> rejected (client may lower it)."
+    )
+    queue_policy: Literal["all", "entry", "none"] = Field(
+        "entry",
+        description="Models with the bounded queue policy: all, entry (feature_assembler), none.",
     )
 
 

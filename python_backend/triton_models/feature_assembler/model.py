@@ -28,6 +28,7 @@ from python_backend.features.breaker import BreakerState, CircuitBreaker
 from python_backend.features.cache import EntityCache
 from python_backend.features.keys import DEFAULT_KEY_PREFIX
 from python_backend.features.store import RedisFeatureStore, redis_client_from_url
+from python_backend.metrics import CounterBuffer, Reservoir
 from python_backend.triton_config import (
     get_param,
     model_config,
@@ -62,13 +63,28 @@ COUNTERS = {
 
 
 class _Metrics:
-    """Publishes the assembler's counters to Triton's Prometheus endpoint."""
+    """Publishes the assembler's counters to Triton's Prometheus endpoint, buffered.
 
-    def __init__(self, labels: dict[str, str], groups: list[str], breaker: CircuitBreaker) -> None:
+    Counters and the breaker gauge are pushed at most once per ``interval_s``; the fetch-time
+    histogram gets a uniform sample of up to ``FETCH_SAMPLE`` round trips per interval (the
+    exact number of round trips is the round-trips counter).
+    """
+
+    FETCH_SAMPLE = 64
+
+    def __init__(
+        self,
+        labels: dict[str, str],
+        groups: list[str],
+        breaker: CircuitBreaker,
+        interval_s: float,
+    ) -> None:
         counter = pb_utils.MetricFamily.COUNTER
         # Triton requires a MetricFamily to outlive its Metric objects: keep every family.
         self._families: list[Any] = []
         self._breaker = breaker
+        self._buffer = CounterBuffer(interval_s)
+        self._fetch_sample = Reservoir(self.FETCH_SAMPLE)
         self._counters = {
             field: self._family(name, doc, counter).Metric(labels=labels)
             for field, (name, doc) in COUNTERS.items()
@@ -81,7 +97,8 @@ class _Metrics:
         self._imputed = {g: imputed.Metric(labels={**labels, "group": g}) for g in groups}
         self._fetch_seconds = self._family(
             "rtinfer_feature_store_fetch_seconds",
-            "Duration of one pipelined Redis round trip",
+            "Duration of one pipelined Redis round trip (uniform sample, up to "
+            f"{self.FETCH_SAMPLE} per {interval_s:g}s)",
             pb_utils.MetricFamily.HISTOGRAM,
         ).Metric(labels=labels, buckets=FETCH_BUCKETS_S)
         self._breaker_state = self._family(
@@ -95,24 +112,34 @@ class _Metrics:
             counter,
         ).Metric(labels=labels)
         self._opened_seen = 0
+        self._state_published: int | None = None
 
     def _family(self, name: str, description: str, kind: Any) -> Any:
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self._families.append(family)
         return family
 
-    def publish(self, before: AssemblerStats, after: AssemblerStats) -> None:
-        for field, metric in self._counters.items():
-            delta = getattr(after, field) - getattr(before, field)
-            if delta:
-                metric.increment(delta)
-        for group, metric in self._imputed.items():
-            delta = after.imputed[group] - before.imputed[group]
-            if delta:
-                metric.increment(delta)
+    def record(self, before: AssemblerStats, after: AssemblerStats) -> None:
+        """Account one batch locally (no server round trip); publish when due."""
+        for field in self._counters:
+            self._buffer.add(field, getattr(after, field) - getattr(before, field))
+        for group in self._imputed:
+            self._buffer.add(("imputed", group), after.imputed[group] - before.imputed[group])
         if after.store_round_trips > before.store_round_trips:
-            self._fetch_seconds.observe(after.last_fetch_seconds)
-        self._breaker_state.set(BREAKER_STATE_VALUE[self._breaker.state])
+            self._fetch_sample.add(after.last_fetch_seconds)
+        if self._buffer.due():
+            self.publish()
+
+    def publish(self) -> None:
+        for key, delta in self._buffer.drain().items():
+            metric = self._imputed[key[1]] if isinstance(key, tuple) else self._counters[key]
+            metric.increment(delta)
+        for seconds in self._fetch_sample.drain():
+            self._fetch_seconds.observe(seconds)
+        state = BREAKER_STATE_VALUE[self._breaker.state]
+        if state != self._state_published:
+            self._breaker_state.set(state)
+            self._state_published = state
         opened = self._breaker.opened_total
         if opened > self._opened_seen:
             self._breaker_opened.increment(opened - self._opened_seen)
@@ -173,7 +200,9 @@ class TritonPythonModel:
         self._client = client
         labels = {"model": args["model_name"], "version": args["model_version"]}
         groups = list(self._assembler.stats().imputed)
-        self._metrics = _Metrics(labels, groups, self._breaker)
+        self._metrics = _Metrics(
+            labels, groups, self._breaker, param_float(config, "metrics_interval_s", 1.0)
+        )
         logger.info("feature assembler ready: %d features, redis %s", spec.n_features, redis_url)
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -188,10 +217,14 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         results = [next(assembled) if isinstance(item, AssemblyInput) else item for item in parsed]
         try:
-            self._metrics.publish(before, self._assembler.stats())
+            self._metrics.record(before, self._assembler.stats())
         except Exception:
             logger.exception("publishing feature assembler metrics failed")
         return [_response(result) for result in results]
 
     def finalize(self) -> None:
+        try:
+            self._metrics.publish()
+        except Exception:
+            logger.exception("publishing feature assembler metrics failed")
         self._client.close()

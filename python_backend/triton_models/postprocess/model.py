@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend.metrics import CounterBuffer
 from python_backend.postprocess import Postprocessor, PostprocessOutput, PostprocessStats
 from python_backend.triton_config import (
     get_param,
@@ -58,7 +59,15 @@ class BlsFallback:
 
 
 class _Metrics:
-    def __init__(self, labels: dict[str, str], class_names: list[str], reasons: list[str]) -> None:
+    """Prediction counters, pushed to Triton at most once per ``interval_s``."""
+
+    def __init__(
+        self,
+        labels: dict[str, str],
+        class_names: list[str],
+        reasons: list[str],
+        interval_s: float,
+    ) -> None:
         counter = pb_utils.MetricFamily.COUNTER
         # Triton requires a MetricFamily to outlive its Metric objects: keep every family.
         self._predictions = pb_utils.MetricFamily(
@@ -83,18 +92,30 @@ class _Metrics:
             r: self._degraded.Metric(labels={**labels, "reason": r}) for r in reasons
         }
         self._fallback_errors = self._errors.Metric(labels=labels)
+        self._buffer = CounterBuffer(interval_s)
 
-    def publish(
+    def record(
         self, out: PostprocessOutput, before: PostprocessStats, after: PostprocessStats
     ) -> None:
+        """Account one batch locally (no server round trip); publish when due."""
         names, counts = np.unique(out.label, return_counts=True)
         for name, count in zip(names.tolist(), counts.tolist(), strict=True):
-            self._by_label[name].increment(count)
+            self._buffer.add(("label", name), count)
         reasons, counts = np.unique(out.degraded_reason[out.degraded], return_counts=True)
         for reason, count in zip(reasons.tolist(), counts.tolist(), strict=True):
-            self._by_reason[reason].increment(count)
-        if after.fallback_errors > before.fallback_errors:
-            self._fallback_errors.increment(after.fallback_errors - before.fallback_errors)
+            self._buffer.add(("reason", reason), count)
+        self._buffer.add(("fallback_errors", ""), after.fallback_errors - before.fallback_errors)
+        if self._buffer.due():
+            self.publish()
+
+    def publish(self) -> None:
+        metrics = {
+            **{("label", k): m for k, m in self._by_label.items()},
+            **{("reason", k): m for k, m in self._by_reason.items()},
+            ("fallback_errors", ""): self._fallback_errors,
+        }
+        for key, delta in self._buffer.drain().items():
+            metrics[key].increment(delta)
 
 
 def _invalid(message: str) -> Any:
@@ -142,7 +163,9 @@ class TritonPythonModel:
         reasons = ["feature_store_unavailable:class_prior"]
         if fallback_model is not None:
             reasons.append(f"feature_store_unavailable:{fallback_model}")
-        self._metrics = _Metrics(labels, class_names, reasons)
+        self._metrics = _Metrics(
+            labels, class_names, reasons, param_float(config, "metrics_interval_s", 1.0)
+        )
         logger.info(
             "postprocess ready: threshold %s, classes %s, fallback %s",
             threshold,
@@ -188,7 +211,7 @@ class TritonPythonModel:
             )
             start = end
         try:
-            self._metrics.publish(out, before, self._post.stats)
+            self._metrics.record(out, before, self._post.stats)
         except Exception:
             logger.exception("publishing postprocess metrics failed")
         return responses
@@ -204,4 +227,8 @@ class TritonPythonModel:
         return self._post.check_inputs(probabilities, ok.reshape(-1), features)
 
     def finalize(self) -> None:
+        try:
+            self._metrics.publish()
+        except Exception:
+            logger.exception("publishing postprocess metrics failed")
         logger.info("postprocess unloading")
