@@ -31,6 +31,9 @@ class TritonSettings(BaseModel):
     startup_timeout_s: float = Field(180.0, gt=0, description="Deadline for all models READY.")
     log_verbose: int = Field(0, ge=0, description="tritonserver --log-verbose level.")
     exit_timeout_s: int = Field(10, ge=0, description="Grace period for in-flight requests.")
+    latency_summaries: bool = Field(
+        False, description="Per-model p50..p99.9 latency summaries on /metrics (costs CPU)."
+    )
 
 
 class RedisSettings(BaseModel):

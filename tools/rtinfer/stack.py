@@ -55,6 +55,8 @@ class StackState:
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        for name, svc in (("redis", self.redis), ("triton", self.triton)):
+            (state_dir / f"{name}.pid").write_text(f"{svc.pid}\n")
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState | None:
@@ -110,6 +112,7 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
             startup_timeout_s=settings.triton.startup_timeout_s,
             log_verbose=settings.triton.log_verbose,
             exit_timeout_s=settings.triton.exit_timeout_s,
+            latency_summaries=settings.triton.latency_summaries,
         )
     except Exception:
         if triton_proc is not None:
@@ -142,6 +145,8 @@ def down(settings: Settings) -> list[str]:
             proc.stop(timeout_s=settings.triton.exit_timeout_s + 10)
             stopped.append(name)
     (settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+    for name in ("redis", "triton"):
+        (settings.state_dir / f"{name}.pid").unlink(missing_ok=True)
     return stopped
 
 

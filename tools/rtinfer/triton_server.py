@@ -87,6 +87,7 @@ def triton_argv(
     models: list[str],
     log_verbose: int = 0,
     exit_timeout_s: int = 10,
+    latency_summaries: bool = False,
 ) -> list[str]:
     argv = [
         str(pytriton_server_dir() / "bin" / "tritonserver"),
@@ -106,6 +107,9 @@ def triton_argv(
         f"--log-verbose={log_verbose}",
         f"--exit-timeout-secs={exit_timeout_s}",
     ]
+    if latency_summaries:
+        # p50..p99.9 of queue and compute time per model on /metrics
+        argv.append("--metrics-config=summary_latencies=true")
     argv += [f"--load-model={m}" for m in models]
     return argv
 
@@ -138,11 +142,14 @@ def start_triton(
     startup_timeout_s: float = 180.0,
     log_verbose: int = 0,
     exit_timeout_s: int = 10,
+    latency_summaries: bool = False,
 ) -> ManagedProcess:
     """Start Triton serving ``models`` (explicit mode) and wait until each one is READY."""
     check_stub_python()
     backend_dir = assemble_backend_dir(state_dir / "triton_backends")
-    argv = triton_argv(repository, backend_dir, ports, models, log_verbose, exit_timeout_s)
+    argv = triton_argv(
+        repository, backend_dir, ports, models, log_verbose, exit_timeout_s, latency_summaries
+    )
     proc = spawn("triton", argv, state_dir / "triton.log", env=triton_env())
     base = f"http://{ports.http_url}"
     try:

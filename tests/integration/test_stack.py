@@ -1,0 +1,31 @@
+"""The CLI's view of the running stack."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtinfer import stack
+from rtinfer.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_status_reports_every_model_ready(
+    running_stack: stack.StackState, stack_settings: Settings
+) -> None:
+    status = stack.status(stack_settings)
+    assert status["running"] is True
+    assert status["redis"]["alive"] and status["redis"]["ping"]  # type: ignore[index]
+    triton = status["triton"]
+    assert triton["alive"] and triton["ready"]  # type: ignore[index]
+    assert all(triton["models"].values())  # type: ignore[index]
+    assert set(triton["models"]) == set(running_stack.models)  # type: ignore[index]
+    for name, svc in (("redis", running_stack.redis), ("triton", running_stack.triton)):
+        assert (stack_settings.state_dir / f"{name}.pid").read_text().strip() == str(svc.pid)
+
+
+def test_second_stack_up_is_refused(
+    running_stack: stack.StackState, stack_settings: Settings
+) -> None:
+    with pytest.raises(stack.StackError, match="already running"):
+        stack.up(stack_settings)
