@@ -8,7 +8,7 @@ cd "$ROOT"
 label=$1; shift
 .venv/bin/rtinfer stack down >/dev/null
 .venv/bin/rtinfer stack up >/dev/null 2>&1
-grpc="$(.venv/bin/python -c 'import json; s=json.load(open(".rtinfer/stack.json")); print(f"{s["host"]}:{s["triton_grpc_port"]}")')"
+grpc="$(.venv/bin/python -c 'import json; s=json.load(open(".rtinfer/stack.json")); print(s["host"] + ":" + str(s["triton_grpc_port"]))')"
 mkdir -p perf_analyzer/results/tuning
 for c in "$@"; do
   log="perf_analyzer/results/tuning/${label}_c${c}.log"

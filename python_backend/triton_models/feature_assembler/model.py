@@ -203,6 +203,10 @@ class TritonPythonModel:
         self._metrics = _Metrics(
             labels, groups, self._breaker, param_float(config, "metrics_interval_s", 1.0)
         )
+        try:  # open the connection now rather than on the first request
+            client.ping()
+        except Exception as exc:  # Redis may come up later; the breaker handles outages
+            logger.warning("redis %s not reachable at load: %s", redis_url, exc)
         logger.info("feature assembler ready: %d features, redis %s", spec.n_features, redis_url)
 
     def execute(self, requests: list[Any]) -> list[Any]:
