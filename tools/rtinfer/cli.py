@@ -71,14 +71,28 @@ def models_build(
     target: TargetOpt = "cpu",
     repository: RepoOpt = None,
     rows: Annotated[int, typer.Option(help="Synthetic training transactions.")] = 60_000,
+    nn_framework: Annotated[
+        str, typer.Option(help="Train fraud_nn with sklearn (default) or torch (optional).")
+    ] = "sklearn",
 ) -> None:
     """Generate the synthetic data, train fraud_xgb / fraud_nn / fraud_context_lr, render."""
+    from rtinfer.demo.torch_mlp import TorchUnavailable
     from rtinfer.demo.train import build_demo_models
 
     settings = _settings()
     repo = (repository or settings.triton.model_repository).resolve()
     started = time.monotonic()
-    built = build_demo_models(repo, seed=settings.seed, n_rows=rows)
+    if nn_framework not in ("sklearn", "torch"):
+        _fail(f"--nn-framework must be sklearn or torch, not {nn_framework!r}")
+    try:
+        built = build_demo_models(
+            repo,
+            seed=settings.seed,
+            n_rows=rows,
+            nn_framework=nn_framework,  # type: ignore[arg-type]
+        )
+    except TorchUnavailable as exc:
+        _fail(str(exc))
     models = render_repository(repo, settings, target)  # type: ignore[arg-type]
     typer.echo(f"built {', '.join(built)} in {time.monotonic() - started:.1f}s")
     typer.echo(f"rendered {len(models)} models for target={target} into {repo}")

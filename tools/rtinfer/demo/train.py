@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -50,6 +51,9 @@ from rtinfer.demo.dataset import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: how fraud_nn is trained: scikit-learn + skl2onnx, or PyTorch + torch.onnx.export (optional)
+NnFramework = Literal["sklearn", "torch"]
 
 XGB_MODEL = "fraud_xgb"
 NN_MODEL = "fraud_nn"
@@ -328,22 +332,54 @@ def _write_version(
     _write_atomic(version_dir / METADATA_FILE, metadata.save)
 
 
-def _train_and_export(name: str, splits: Splits, seed: int) -> dict[str, bytes]:
+def _export_torch_mlp(splits: Splits, seed: int) -> dict[str, bytes]:
+    from rtinfer.demo import torch_mlp
+
+    model = torch_mlp.train_torch_mlp(splits.X_train, splits.y_train, seed)
+    raw = torch_mlp.export_onnx(model, splits.X_train.shape[1], ONNX_OPSET)
+    onnx_model = onnx.load_from_string(raw)
+    onnx_model.graph.name = NN_MODEL
+    _normalize_opsets(onnx_model)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    blob = onnx_model.SerializeToString()
+    expected = torch_mlp.predict(model, splits.X_test)
+    _check_agreement(
+        expected,
+        predict_fraud(load_onnx_session(blob), splits.X_test),
+        SKLEARN_TOLERANCE,
+        f"{NN_MODEL} (torch)",
+    )
+    return {ONNX_FILE: blob}
+
+
+def _train_and_export(
+    name: str, splits: Splits, seed: int, nn_framework: NnFramework = "sklearn"
+) -> dict[str, bytes]:
     """Artifact file name -> bytes for one demo model."""
     if name == XGB_MODEL:
         return _export_xgb(_train_xgb(splits, seed), splits)
+    if name == NN_MODEL and nn_framework == "torch":
+        return _export_torch_mlp(splits, seed)
     pipe = _train_mlp(splits, seed) if name == NN_MODEL else _train_context_lr(splits, seed)
     return _export_sklearn(pipe, splits, name)
 
 
 def build_demo_models(
-    repository: Path, seed: int = 7, n_rows: int = 60_000, version: int = 1
+    repository: Path,
+    seed: int = 7,
+    n_rows: int = 60_000,
+    version: int = 1,
+    nn_framework: NnFramework = "sklearn",
 ) -> dict[str, Path]:
     """Generate data for ``seed``, train the demo models and write ``repository/<model>/<version>``.
 
     Returns model name -> version directory. Raises if an exported ONNX graph does not
     reproduce the model it was converted from.
     """
+    if nn_framework == "torch":
+        from rtinfer.demo.torch_mlp import require_torch
+
+        require_torch()  # fail before training anything
     started = time.perf_counter()
     X, y, _, _ = generate_transactions(generate_entities(seed), seed, n_rows)
     splits = split_data(X, y)
@@ -358,7 +394,7 @@ def build_demo_models(
     out: dict[str, Path] = {}
     for name, kind, model_spec, model_splits in plans:
         t0 = time.perf_counter()
-        blobs = _train_and_export(name, model_splits, seed)
+        blobs = _train_and_export(name, model_splits, seed, nn_framework)
         artifacts = {("onnx" if f == ONNX_FILE else "xgboost"): f for f in blobs}
         metadata = _evaluate(name, kind, version, artifacts, blobs[ONNX_FILE], model_splits)
         version_dir = repository / name / str(version)
