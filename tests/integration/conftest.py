@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,17 +12,33 @@ import redis
 
 from rtinfer import stack
 from rtinfer.client import FraudClient
-from rtinfer.settings import FeatureSettings, RedisSettings, Settings, TritonSettings
+from rtinfer.settings import (
+    FeatureSettings,
+    KafkaSettings,
+    PostgresSettings,
+    RedisSettings,
+    Settings,
+    TritonSettings,
+)
 
 
 @pytest.fixture(scope="session")
-def stack_settings(built_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+def stack_settings(built_repository: Path) -> Iterator[Settings]:
+    # not pytest's tmp_path: its 0700 root is not reachable by the postgres server user
+    with tempfile.TemporaryDirectory(prefix="rtinfer-stack-") as state_dir:
+        os.chmod(state_dir, 0o755)
+        yield _settings(Path(state_dir), built_repository)
+
+
+def _settings(state_dir: Path, repository: Path) -> Settings:
     return Settings(
-        state_dir=tmp_path_factory.mktemp("state"),
+        state_dir=state_dir,
         triton=TritonSettings(
-            http_port=0, grpc_port=0, metrics_port=0, model_repository=built_repository
+            http_port=0, grpc_port=0, metrics_port=0, model_repository=repository
         ),
         redis=RedisSettings(port=0),
+        postgres=PostgresSettings(port=0),
+        kafka=KafkaSettings(port=0, controller_port=0),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),
     )

@@ -20,8 +20,24 @@ def test_status_reports_every_model_ready(
     assert triton["alive"] and triton["ready"]  # type: ignore[index]
     assert all(triton["models"].values())  # type: ignore[index]
     assert set(triton["models"]) == set(running_stack.models)  # type: ignore[index]
-    for name, svc in (("redis", running_stack.redis), ("triton", running_stack.triton)):
+    for name, svc in running_stack.services().items():
         assert (stack_settings.state_dir / f"{name}.pid").read_text().strip() == str(svc.pid)
+    assert set(running_stack.services()) == {"redis", "postgres", "kafka", "triton"}
+
+
+def test_status_reports_catalog_and_topics(
+    running_stack: stack.StackState, stack_settings: Settings
+) -> None:
+    status = stack.status(stack_settings)
+    postgres, kafka = status["postgres"], status["kafka"]
+    assert postgres["alive"] and postgres["active_deployments"] == 3, postgres  # type: ignore[index]
+    assert kafka["alive"], kafka  # type: ignore[index]
+    assert kafka["topics"] == {  # type: ignore[index]
+        "inference-requests": 6,
+        "inference-requests-dlq": 1,
+        "predictions": 6,
+        "predictions-shadow": 3,
+    }
 
 
 def test_second_stack_up_is_refused(

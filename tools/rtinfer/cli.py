@@ -19,7 +19,7 @@ from rtinfer.render import RenderError, render_repository
 from rtinfer.settings import Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-stack_app = typer.Typer(help="Start, stop and inspect the local Redis + Triton stack.")
+stack_app = typer.Typer(help="Start, stop and inspect the local Redis/Postgres/Kafka/Triton.")
 models_app = typer.Typer(help="Train the demo models and render the model repository.")
 features_app = typer.Typer(help="Manage the online feature store.")
 app.add_typer(stack_app, name="stack")
@@ -128,19 +128,27 @@ def features_load(
 def stack_up(
     features: Annotated[bool, typer.Option(help="Seed the demo features.")] = True,
 ) -> None:
-    """Start Redis and Triton (explicit model control), wait until every model is READY."""
+    """Start Redis, PostgreSQL, Kafka and Triton; wait until every model is READY."""
     settings = _settings()
     try:
         state = stack_mod.up(settings, load_features=features)
     except (stack_mod.StackError, RenderError, RuntimeError) as exc:
         _fail(str(exc))
     ports = state.triton_ports
-    typer.echo(f"redis   {state.redis_url}")
+    typer.echo(f"redis    {state.redis_url}")
+    if state.postgres is not None:
+        pg = settings.postgres
+        typer.echo(
+            f"postgres postgresql://{pg.user}@{state.host}:{state.postgres.port}/"
+            f"{pg.database} (password in {settings.state_dir / 'postgres' / 'password'})"
+        )
+    if state.kafka_bootstrap is not None:
+        typer.echo(f"kafka    {state.kafka_bootstrap}")
     typer.echo(
-        f"triton  http://{ports.http_url}  grpc {ports.grpc_url}  "
+        f"triton   http://{ports.http_url}  grpc {ports.grpc_url}  "
         f"metrics http://{ports.host}:{ports.metrics}/metrics"
     )
-    typer.echo(f"models  {', '.join(state.models)}")
+    typer.echo(f"models   {', '.join(state.models)}")
 
 
 @stack_app.command("down")

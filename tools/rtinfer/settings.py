@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Target = Literal["cpu", "ngc"]
+Service = Literal["redis", "postgres", "kafka", "triton"]
 
 
 class TritonSettings(BaseModel):
@@ -48,6 +49,28 @@ class RedisSettings(BaseModel):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class PostgresSettings(BaseModel):
+    """The model catalog database (a private instance in the state dir)."""
+
+    host: str = Field("127.0.0.1", description="Postgres host.")
+    port: int = Field(5433, ge=0, le=65535, description="Postgres port (0 = free port).")
+    user: str = Field("rtinfer", description="Application role.")
+    database: str = Field("rtinfer", description="Database holding the catalog.")
+
+
+class KafkaSettings(BaseModel):
+    """The prediction-log and async-request broker (single KRaft node locally)."""
+
+    host: str = Field("127.0.0.1", description="Broker host.")
+    port: int = Field(9093, ge=0, le=65535, description="Client (PLAINTEXT) port (0 = free).")
+    controller_port: int = Field(9094, ge=0, le=65535, description="KRaft controller port.")
+    libs_dir: Path | None = Field(None, description="Broker jars (default: ~/.cache/rtinfer).")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class FeatureSettings(BaseModel):
@@ -100,8 +123,14 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(REPO_ROOT / ".rtinfer", description="Pid files, logs, data.")
     seed: int = Field(7, description="Seed of the synthetic data and demo models.")
+    services: list[Service] = Field(
+        default_factory=lambda: ["redis", "postgres", "kafka", "triton"],
+        description="What `stack up` starts (redis and triton are always started).",
+    )
     triton: TritonSettings = Field(default_factory=TritonSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)

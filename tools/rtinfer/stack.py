@@ -1,4 +1,8 @@
-"""The local stack: a private redis-server and tritonserver, tracked in ``<state>/stack.json``."""
+"""The local stack: private Redis, PostgreSQL, Kafka and Triton, tracked in ``<state>/stack.json``.
+
+Start order is Redis (+ demo features), PostgreSQL (+ catalog migrations), Kafka (+ topics),
+then Triton; a failure stops whatever was already started. ``down`` stops in reverse order.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,15 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psycopg
 import redis
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from rtinfer.features import load_demo_features
+from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
+from rtinfer.migrate import apply_migrations
+from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
 from rtinfer.render import render_repository
@@ -40,6 +50,8 @@ class StackState:
     triton_grpc_port: int
     triton_metrics_port: int
     host: str = "127.0.0.1"
+    postgres: ServiceState | None = None
+    kafka: ServiceState | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -55,8 +67,22 @@ class StackState:
     def save(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
-        for name, svc in (("redis", self.redis), ("triton", self.triton)):
+        for name, svc in self.services().items():
             (state_dir / f"{name}.pid").write_text(f"{svc.pid}\n")
+
+    def services(self) -> dict[str, ServiceState]:
+        """Started services in start order."""
+        out = {
+            "redis": self.redis,
+            "postgres": self.postgres,
+            "kafka": self.kafka,
+            "triton": self.triton,
+        }
+        return {name: svc for name, svc in out.items() if svc is not None}
+
+    @property
+    def kafka_bootstrap(self) -> str | None:
+        return f"{self.host}:{self.kafka.port}" if self.kafka is not None else None
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState | None:
@@ -64,8 +90,9 @@ class StackState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        raw["redis"] = ServiceState(**raw["redis"])
-        raw["triton"] = ServiceState(**raw["triton"])
+        for name in ("redis", "triton", "postgres", "kafka"):
+            if raw.get(name) is not None:
+                raw[name] = ServiceState(**raw[name])
         return cls(**raw)
 
 
@@ -74,63 +101,119 @@ class StackError(RuntimeError):
 
 
 def up(settings: Settings, load_features: bool = True) -> StackState:
-    """Start Redis (+ demo features) and Triton serving the rendered repository."""
+    """Start the configured services; Triton last, once its dependencies answer."""
     state_dir = settings.state_dir
     existing = StackState.load(state_dir)
-    if existing is not None and (pid_alive(existing.redis.pid) or pid_alive(existing.triton.pid)):
+    if existing is not None and any(pid_alive(s.pid) for s in existing.services().values()):
         raise StackError(
             f"a stack is already running (see {state_dir / STATE_FILE}); "
             "run `rtinfer stack down` first"
         )
     host = settings.triton.host
+    wanted = set(settings.services) | {"redis", "triton"}
     taken: set[int] = set()
-    redis_port = resolve_port(settings.redis.port, settings.redis.host, taken)
+    settings = settings.model_copy(deep=True)
+    settings.redis.port = resolve_port(settings.redis.port, settings.redis.host, taken)
+    if "postgres" in wanted:
+        settings.postgres.port = resolve_port(settings.postgres.port, settings.postgres.host, taken)
+    if "kafka" in wanted:
+        settings.kafka.port = resolve_port(settings.kafka.port, settings.kafka.host, taken)
+        settings.kafka.controller_port = resolve_port(
+            settings.kafka.controller_port, settings.kafka.host, taken
+        )
     ports = TritonPorts(
         host=host,
         http=resolve_port(settings.triton.http_port, host, taken),
         grpc=resolve_port(settings.triton.grpc_port, host, taken),
         metrics=resolve_port(settings.triton.metrics_port, host, taken),
     )
-    settings = settings.model_copy(deep=True)
-    settings.redis.port = redis_port
     repo = settings.triton.model_repository.resolve()
     models = render_repository(repo, settings, settings.triton.target)
 
-    redis_proc = start_redis(state_dir / "redis", redis_port, settings.redis.host)
-    triton_proc: ManagedProcess | None = None
+    started: list[tuple[str, ManagedProcess]] = []
     try:
+        started.append(
+            ("redis", start_redis(state_dir / "redis", settings.redis.port, settings.redis.host))
+        )
         if load_features:
             client = redis.Redis.from_url(settings.redis.url)
             n = load_demo_features(client, seed=settings.seed, prefix=settings.redis.key_prefix)
             client.close()
             log.info("loaded %d entities into redis", n)
-        triton_proc = start_triton(
-            repo,
-            state_dir,
-            ports,
-            models,
-            startup_timeout_s=settings.triton.startup_timeout_s,
-            log_verbose=settings.triton.log_verbose,
-            exit_timeout_s=settings.triton.exit_timeout_s,
-            latency_summaries=settings.triton.latency_summaries,
+        if "postgres" in wanted:
+            pg = settings.postgres
+            started.append(
+                (
+                    "postgres",
+                    start_postgres(state_dir / "postgres", pg.port, pg.host, pg.user, pg.database),
+                )
+            )
+            applied = apply_migrations(
+                dsn(state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
+            )
+            log.info("catalog migrations applied: %s", applied or "none pending")
+        if "kafka" in wanted:
+            kafka = settings.kafka
+            started.append(
+                (
+                    "kafka",
+                    start_kafka(
+                        state_dir / "kafka",
+                        kafka.port,
+                        kafka.controller_port,
+                        kafka.host,
+                        libs=kafka.libs_dir,
+                    ),
+                )
+            )
+            created = ensure_topics(kafka.bootstrap, DEFAULT_TOPICS)
+            log.info("kafka topics created: %s", created or "all present")
+        started.append(
+            (
+                "triton",
+                start_triton(
+                    repo,
+                    state_dir,
+                    ports,
+                    models,
+                    startup_timeout_s=settings.triton.startup_timeout_s,
+                    log_verbose=settings.triton.log_verbose,
+                    exit_timeout_s=settings.triton.exit_timeout_s,
+                    latency_summaries=settings.triton.latency_summaries,
+                ),
+            )
         )
-    except Exception:
-        if triton_proc is not None:
-            triton_proc.stop()
-        redis_proc.stop()
+    except BaseException:
+        for name, proc in reversed(started):
+            _stop(name, proc, settings)
         raise
+    procs = dict(started)
+
+    def svc(name: str, port: int) -> ServiceState | None:
+        proc = procs.get(name)
+        return ServiceState(proc.pid, port, str(proc.log_path)) if proc is not None else None
+
     state = StackState(
         model_repository=str(repo),
         target=settings.triton.target,
         models=models,
-        redis=ServiceState(redis_proc.pid, redis_port, str(redis_proc.log_path)),
-        triton=ServiceState(triton_proc.pid, ports.http, str(triton_proc.log_path)),
+        redis=svc("redis", settings.redis.port),  # type: ignore[arg-type]
+        triton=svc("triton", ports.http),  # type: ignore[arg-type]
         triton_grpc_port=ports.grpc,
         triton_metrics_port=ports.metrics,
         host=host,
+        postgres=svc("postgres", settings.postgres.port),
+        kafka=svc("kafka", settings.kafka.port),
     )
     state.save(state_dir)
     return state
+
+
+def _stop(name: str, proc: ManagedProcess, settings: Settings) -> None:
+    if name == "postgres":
+        stop_postgres(proc)  # fast shutdown: SIGTERM would wait for every client to leave
+    else:
+        proc.stop(timeout_s=settings.triton.exit_timeout_s + 10)
 
 
 def down(settings: Settings) -> list[str]:
@@ -139,13 +222,13 @@ def down(settings: Settings) -> list[str]:
     if state is None:
         return []
     stopped = []
-    for name, svc in (("triton", state.triton), ("redis", state.redis)):
+    for name, svc in reversed(state.services().items()):
         proc = ManagedProcess(name=name, pid=svc.pid, log_path=Path(svc.log))
         if proc.alive():
-            proc.stop(timeout_s=settings.triton.exit_timeout_s + 10)
+            _stop(name, proc, settings)
             stopped.append(name)
     (settings.state_dir / STATE_FILE).unlink(missing_ok=True)
-    for name in ("redis", "triton"):
+    for name in ("redis", "postgres", "kafka", "triton"):
         (settings.state_dir / f"{name}.pid").unlink(missing_ok=True)
     return stopped
 
@@ -164,7 +247,7 @@ def status(settings: Settings) -> dict[str, object]:
     models = (
         {m: http_ok(f"{base}/v2/models/{m}/ready") for m in state.models} if triton_ready else {}
     )
-    return {
+    out: dict[str, object] = {
         "running": True,
         "redis": {
             "pid": state.redis.pid,
@@ -184,6 +267,43 @@ def status(settings: Settings) -> dict[str, object]:
         "model_repository": state.model_repository,
         "target": state.target,
     }
+    if state.postgres is not None:
+        out["postgres"] = _postgres_status(settings, state.host, state.postgres)
+    if state.kafka is not None:
+        out["kafka"] = _kafka_status(state.host, state.kafka)
+    return out
+
+
+def _postgres_status(settings: Settings, host: str, svc: ServiceState) -> dict[str, object]:
+    pg = settings.postgres
+    info: dict[str, object] = {
+        "pid": svc.pid,
+        "alive": pid_alive(svc.pid),
+        "url": f"postgresql://{pg.user}@{host}:{svc.port}/{pg.database}",
+    }
+    try:
+        conninfo = dsn(
+            settings.state_dir / "postgres", svc.port, host, pg.user, pg.database
+        ).conninfo
+        with psycopg.connect(conninfo, connect_timeout=2) as conn:
+            row = conn.execute("SELECT count(*) FROM model_deployments WHERE is_active").fetchone()
+        info["active_deployments"] = row[0] if row else 0
+    except (psycopg.Error, OSError) as exc:
+        info["error"] = str(exc).strip()
+    return info
+
+
+def _kafka_status(host: str, svc: ServiceState) -> dict[str, object]:
+    bootstrap = f"{host}:{svc.port}"
+    info: dict[str, object] = {"pid": svc.pid, "alive": pid_alive(svc.pid), "bootstrap": bootstrap}
+    try:
+        meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=3)
+        info["topics"] = {
+            t: len(m.partitions) for t, m in sorted(meta.topics.items()) if not t.startswith("__")
+        }
+    except KafkaException as exc:
+        info["error"] = str(exc)
+    return info
 
 
 def require_running(settings: Settings) -> StackState:
