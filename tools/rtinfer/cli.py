@@ -13,6 +13,7 @@ import redis
 import typer
 
 from rtinfer import stack as stack_mod
+from rtinfer.apikeys import apikeys_app
 from rtinfer.client import CONTEXT_FEATURES, FraudClient
 from rtinfer.features import load_demo_features
 from rtinfer.render import RenderError, render_repository
@@ -25,6 +26,7 @@ features_app = typer.Typer(help="Manage the online feature store.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(features_app, name="features")
+app.add_typer(apikeys_app, name="apikeys")
 
 log = logging.getLogger("rtinfer")
 
