@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.config import GatewaySettings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Target = Literal["cpu", "ngc"]
@@ -134,3 +136,4 @@ class Settings(BaseSettings):
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)

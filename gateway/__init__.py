@@ -1,0 +1,1 @@
+"""The HTTP gateway in front of Triton: validation, model catalog, canary routing, fallback."""

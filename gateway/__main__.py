@@ -1,0 +1,37 @@
+"""``python -m gateway``: serve the gateway with uvicorn (uvloop, httptools) from settings."""
+
+from __future__ import annotations
+
+import uvicorn
+from fastapi import FastAPI
+
+from gateway.app import create_app
+from gateway.logs import configure_logging
+from rtinfer.settings import Settings
+
+
+def app_from_env() -> FastAPI:
+    """The app factory each uvicorn worker calls: settings from ``RTINFER_*``."""
+    settings = Settings()
+    configure_logging(settings.gateway.log_level)
+    return create_app(settings)
+
+
+def main() -> None:
+    gw = Settings().gateway
+    configure_logging(gw.log_level)
+    uvicorn.run(
+        "gateway.__main__:app_from_env",
+        factory=True,
+        host=gw.host,
+        port=gw.port,
+        workers=gw.workers,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,  # our JSON lines (configure_logging) for uvicorn too
+        access_log=False,  # the prediction service writes one line per request
+    )
+
+
+if __name__ == "__main__":
+    main()

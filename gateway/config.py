@@ -1,0 +1,42 @@
+"""Gateway settings: the ``gateway`` section of ``rtinfer.settings.Settings``.
+
+Read from ``RTINFER_GATEWAY__*`` environment variables, e.g. ``RTINFER_GATEWAY__PORT=9090``,
+``RTINFER_GATEWAY__TRITON_GRPC_URL=triton:8001``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class GatewaySettings(BaseModel):
+    """The FastAPI gateway: HTTP server, request limits, Triton and catalog connections."""
+
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes.")
+    max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body (413 above).")
+    default_deadline_ms: int = Field(
+        100, ge=1, le=10_000, description="Deadline of a prediction without deadline_ms."
+    )
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    triton_ready_timeout_s: float = Field(
+        1.0, gt=0, description="Timeout of Triton readiness and repository-index calls."
+    )
+    postgres_dsn: SecretStr | None = Field(
+        None,
+        description="Catalog conninfo or URL; default: the local stack's (settings.postgres).",
+    )
+    postgres_pool_size: int = Field(4, ge=1, description="Largest Postgres connection pool.")
+    postgres_connect_timeout_s: float = Field(3.0, gt=0, description="Postgres connect timeout.")
+    catalog_refresh_s: float = Field(
+        30.0, gt=0, description="Full catalog reload period (fallback to LISTEN/NOTIFY)."
+    )
+    catalog_startup_wait_s: float = Field(
+        5.0, ge=0, description="Startup wait for the first catalog load (/readyz 503 until)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the gateway's JSON log lines."
+    )

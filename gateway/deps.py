@@ -1,0 +1,44 @@
+"""What the app factory takes from outside: the prediction log and the authentication hook."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import Request
+
+
+class PredictionLog(Protocol):
+    """Where every served prediction is recorded (e.g. Kafka).
+
+    ``log`` is called on the event loop once per prediction, after its response is computed.
+    It must return at once (hand the record to a buffer or a thread) and never raise. The
+    record holds: request_id, timestamp (unix seconds), model_name, model_version,
+    deployment_id, arm, serving_endpoint, entity_ids, context (as sent), feature_overrides,
+    features (the served vector; empty when the fallback served), prediction, label,
+    confidence, degraded, degraded_reason, latency_ms, stage_latency_ms.
+    """
+
+    def log(self, record: Mapping[str, Any]) -> None: ...
+
+
+class DiscardPredictionLog:
+    """The default when no prediction log is configured: records are dropped."""
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        return None
+
+
+#: Authenticates (and may rate-limit) a request before any catalog or prediction route runs.
+#: Raises ``gateway.errors.Unauthorized`` / ``RateLimited``; the returned value is ignored.
+Authenticate = Callable[[Request], Awaitable[object]]
+
+
+@dataclass(frozen=True)
+class GatewayDeps:
+    """Collaborators injected into ``create_app``; ``None`` means the built-in default."""
+
+    prediction_log: PredictionLog | None = None
+    #: no authentication when absent
+    authenticate: Authenticate | None = None

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one gateway app, in a registry of its own (tests build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+#: seconds; sub-millisecond resolution for the gateway's own stages
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports, registered in ``registry``."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "rtinfer_gateway_requests",
+            "Prediction requests by model, arm and HTTP status.",
+            ["model", "arm", "status"],
+            registry=reg,
+        )
+        self.stage_seconds = Histogram(
+            "rtinfer_gateway_stage_seconds",
+            "Time spent in each named stage of a prediction (auth, route, infer, fallback, log).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.errors = Counter(
+            "rtinfer_gateway_errors",
+            "Error responses by error code.",
+            ["code"],
+            registry=reg,
+        )
+        self.degraded = Counter(
+            "rtinfer_gateway_degraded_predictions",
+            "Degraded predictions by model and reason.",
+            ["model", "reason"],
+            registry=reg,
+        )
+        self.triton_seconds = Histogram(
+            "rtinfer_gateway_triton_seconds",
+            "Triton inference round trips by serving endpoint and outcome.",
+            ["endpoint", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.prediction_log_errors = Counter(
+            "rtinfer_gateway_prediction_log_errors",
+            "Prediction-log calls that raised (the record is lost).",
+            registry=reg,
+        )
+        self.catalog_reloads = Counter(
+            "rtinfer_gateway_catalog_reloads",
+            "Model catalog reloads by result (ok, error).",
+            ["result"],
+            registry=reg,
+        )
+        self.catalog_listening = Gauge(
+            "rtinfer_gateway_catalog_listening",
+            "1 while the LISTEN model_catalog connection is up.",
+            registry=reg,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

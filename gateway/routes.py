@@ -1,0 +1,250 @@
+"""The REST door: HTTP routes over the prediction service and the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from gateway.catalog import Deployment, ModelEntry
+from gateway.deps import Authenticate
+from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
+from gateway.ingress import RECEIVED_AT
+from gateway.metrics import GatewayMetrics
+from gateway.responses import OrjsonResponse
+from gateway.schemas import (
+    DEGRADED_HEADER,
+    REQUEST_ID_HEADER,
+    DeploymentInfo,
+    ErrorResponse,
+    FallbackInfo,
+    FeatureStoreHealth,
+    ModelHealth,
+    ModelInfo,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+    ReadyStatus,
+    TritonModelHealth,
+    new_request_id,
+    valid_request_id,
+)
+
+if TYPE_CHECKING:
+    from gateway.app import Runtime
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
+    router = APIRouter()
+    guarded: list[Any] = []
+    if authenticate is not None:
+
+        async def auth(request: Request) -> None:
+            started = time.perf_counter()
+            try:
+                await authenticate(request)
+            finally:
+                metrics.stage_seconds.labels("auth").observe(time.perf_counter() - started)
+
+        guarded = [Depends(auth)]
+
+    @router.post(
+        "/predict/{model_name}",
+        response_model=PredictResponse,
+        responses=_errors(401, 404, 413, 422, 429, 503, 504),
+        dependencies=guarded,
+        summary="Score one transaction with a catalog model",
+        description=f"Routes to the user's sticky traffic arm. Response headers: "
+        f"`{REQUEST_ID_HEADER}` (echoed or generated), `{DEGRADED_HEADER}: true` when degraded. "
+        "When Triton is unavailable, the model not ready or the deadline spent, a deployment "
+        "with a fallback_config answers 200 with its fallback (degraded) instead of 503/504.",
+    )
+    async def predict(model_name: str, body: PredictRequest, request: Request) -> Response:
+        request_id = (
+            body.request_id
+            or valid_request_id(request.headers.get(REQUEST_ID_HEADER))
+            or new_request_id()
+        )
+        request.state.request_id = request_id
+        result = await _runtime(request).service.predict(
+            model_name,
+            body,
+            request_id=request_id,
+            received_at=getattr(request.state, RECEIVED_AT, None),
+        )
+        headers = {REQUEST_ID_HEADER: request_id}
+        if result.degraded:
+            headers[DEGRADED_HEADER] = "true"
+        return OrjsonResponse(result.model_dump(), headers=headers)
+
+    @router.get(
+        "/models",
+        response_model=ModelList,
+        responses=_errors(401, 429),
+        dependencies=guarded,
+        summary="Every model of the catalog with its active deployments",
+    )
+    async def list_models(request: Request) -> ModelList:
+        snapshot = _runtime(request).catalog.snapshot()
+        return ModelList(
+            models=[_model_info(entry) for entry in snapshot.models.values()],
+            catalog_loaded_at=snapshot.loaded_at,
+        )
+
+    @router.get(
+        "/models/{model_name}",
+        response_model=ModelInfo,
+        responses=_errors(401, 404, 429, 503),
+        dependencies=guarded,
+        summary="One model's active deployments",
+    )
+    async def get_model(model_name: str, request: Request) -> ModelInfo:
+        return _model_info(_entry(_runtime(request), model_name))
+
+    @router.get(
+        "/predict/{model_name}/health",
+        response_model=ModelHealth,
+        responses=_errors(401, 404, 429, 503),
+        dependencies=guarded,
+        summary="Serving health of one model",
+        description="Triton readiness and loaded versions of each deployment, the feature "
+        "store's state inferred from degraded answers, last inference latency and the "
+        "degraded rate over the last minute.",
+    )
+    async def model_health(model_name: str, request: Request) -> ModelHealth:
+        rt = _runtime(request)
+        return await _model_health(rt, _entry(rt, model_name))
+
+    @router.get("/livez", summary="The process is up")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get(
+        "/readyz",
+        response_model=ReadyStatus,
+        responses={503: {"model": ReadyStatus, "description": "Not ready, with the reasons"}},
+        summary="200 once the catalog is loaded and Triton is ready, else 503",
+    )
+    async def readyz(request: Request) -> Response:
+        rt = _runtime(request)
+        catalog = rt.catalog
+        catalog_ok = catalog.loaded
+        if catalog_ok:
+            catalog_state = f"loaded ({len(catalog.snapshot().models)} models)"
+        else:
+            catalog_state = f"not loaded: {catalog.last_error or 'loading'}"
+        try:
+            triton_ok = await rt.triton.is_server_ready(rt.settings.triton_ready_timeout_s)
+            triton_state = "ready" if triton_ok else "not ready"
+        except GatewayError as exc:
+            triton_ok, triton_state = False, exc.message
+        status = ReadyStatus(
+            ready=catalog_ok and triton_ok, catalog=catalog_state, triton=triton_state
+        )
+        return OrjsonResponse(status.model_dump(), status_code=200 if status.ready else 503)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return router
+
+
+def _entry(rt: Runtime, model_name: str) -> ModelEntry:
+    if not rt.catalog.loaded:
+        raise UpstreamUnavailable("the model catalog has not been loaded yet")
+    entry = rt.catalog.get(model_name)
+    if entry is None:
+        raise ModelNotFound(f"unknown model {model_name!r}")
+    return entry
+
+
+def _model_info(entry: ModelEntry) -> ModelInfo:
+    return ModelInfo(
+        model_name=entry.name,
+        deployments=[_deployment_info(entry, d) for d in entry.deployments],
+    )
+
+
+def _deployment_info(entry: ModelEntry, d: Deployment) -> DeploymentInfo:
+    fallback = d.fallback
+    return DeploymentInfo(
+        deployment_id=d.deployment_id,
+        model_version=d.model_version,
+        serving_endpoint=d.serving_endpoint,
+        role=entry.routing.role(d),
+        traffic_pct=d.traffic_pct,
+        is_shadow=d.is_shadow,
+        shadow_sample_pct=d.shadow_sample_pct,
+        feature_groups=list(d.feature_groups),
+        fallback=(
+            FallbackInfo(type=fallback.type, score=fallback.score, threshold=fallback.threshold)
+            if fallback is not None
+            else None
+        ),
+        deployed_at=d.deployed_at,
+    )
+
+
+async def _model_health(rt: Runtime, entry: ModelEntry) -> ModelHealth:
+    timeout = rt.settings.triton_ready_timeout_s
+    endpoints = sorted({d.serving_endpoint for d in entry.deployments})
+    triton_error: str | None = None
+    states: dict[str, list[tuple[str, str, str]]] = {e: [] for e in endpoints}
+    ready: dict[str, bool] = dict.fromkeys(endpoints, False)
+    try:
+        for state in await rt.triton.model_states(timeout):
+            if state.name in states:
+                states[state.name].append((state.version, state.state, state.reason))
+        flags = await asyncio.gather(*(rt.triton.is_model_ready(e, timeout) for e in endpoints))
+        ready = dict(zip(endpoints, flags, strict=True))
+    except GatewayError as exc:
+        triton_error = exc.message
+    deployments = []
+    for d in entry.deployments:
+        versions = states[d.serving_endpoint]
+        deployments.append(
+            TritonModelHealth(
+                deployment_id=d.deployment_id,
+                serving_endpoint=d.serving_endpoint,
+                role=entry.routing.role(d),
+                ready=ready[d.serving_endpoint],
+                loaded_versions=[v for v, s, _ in versions if s == "READY"],
+                state=versions[0][1] if versions else None,
+                reason=next((r for _, _, r in versions if r), None),
+            )
+        )
+    stats = rt.health.stats(entry.name)
+    arms = [h for h in deployments if h.role in ("prod", "canary")]
+    feature_store = FeatureStoreHealth(
+        status=stats.feature_store_status,  # type: ignore[arg-type]
+        degraded_rate_1m=stats.feature_store_degraded_rate,
+    )
+    if triton_error is not None or not any(h.ready for h in arms):
+        status = "unavailable"
+    elif not all(h.ready for h in arms) or feature_store.status in ("impaired", "unavailable"):
+        status = "degraded"
+    else:
+        status = "ok"
+    return ModelHealth(
+        model_name=entry.name,
+        status=status,
+        triton_reachable=triton_error is None,
+        triton_error=triton_error,
+        deployments=deployments,
+        feature_store=feature_store,
+        requests_1m=stats.requests,
+        degraded_rate_1m=stats.degraded_rate,
+        last_inference_latency_ms=stats.last_inference_latency_ms,
+    )

@@ -1,0 +1,248 @@
+"""Request and response bodies of the HTTP API (and of the service core behind it)."""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+
+#: the ensembles' ``context`` input, in tensor order (same as rtinfer.client.CONTEXT_FEATURES)
+ContextFeature = Literal[
+    "amount",
+    "hour_of_day",
+    "day_of_week",
+    "channel",
+    "is_international",
+    "card_present",
+    "device_age_days",
+    "ip_risk_score",
+    "distance_from_home_km",
+    "is_new_device",
+]
+CONTEXT_FEATURES: tuple[str, ...] = get_args(ContextFeature)
+
+#: which traffic split arm served a prediction
+Arm = Literal["prod", "canary"]
+#: a deployment's part in serving: a traffic arm, a shadow, or active with 0% traffic
+DeploymentRole = Literal["prod", "canary", "shadow", "idle"]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+DEGRADED_HEADER = "X-Prediction-Degraded"
+MAX_ENTITY_ID_BYTES = 128  # the feature assembler's limit (python_backend/features/assembler.py)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(value: float) -> float:
+    if abs(value) > _FLOAT32_MAX:
+        raise ValueError("must be within the float32 range (|x| <= 3.4e38)")
+    return value
+
+
+def _entity_id(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    if size > MAX_ENTITY_ID_BYTES:
+        raise ValueError(f"must be at most {MAX_ENTITY_ID_BYTES} bytes in UTF-8")
+    return value
+
+
+FeatureValue = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_float32)]
+EntityId = Annotated[
+    str, StringConstraints(min_length=1, max_length=128), AfterValidator(_entity_id)
+]
+RequestId = Annotated[str, StringConstraints(pattern=rf"^{_REQUEST_ID.pattern}$")]
+
+
+def valid_request_id(value: str | None) -> str | None:
+    """``value`` if it is a well-formed request id, else ``None``."""
+    return value if value is not None and _REQUEST_ID.fullmatch(value) else None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Strict(BaseModel):
+    # strict: no str -> number or bool -> number coercion; unknown fields are errors
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class EntityIds(_Strict):
+    """The entities whose online features the model reads."""
+
+    user_id: EntityId = Field(description="User entity id, e.g. u_000042 (<= 128 bytes).")
+    merchant_id: EntityId = Field(description="Merchant entity id, e.g. m_00007 (<= 128 bytes).")
+
+
+class PredictRequest(_Strict):
+    """One prediction: entity ids for the online features plus the request context."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entity_ids": {"user_id": "u_000042", "merchant_id": "m_00007"},
+                    "context": {"amount": 129.99, "hour_of_day": 3, "is_new_device": 1},
+                    "deadline_ms": 50,
+                }
+            ]
+        }
+    )
+
+    entity_ids: EntityIds
+    context: dict[ContextFeature, FeatureValue] = Field(
+        default_factory=dict,
+        description="Request context features (finite numbers); a missing one is imputed "
+        "with the model's registered default.",
+    )
+    feature_overrides: dict[str, FeatureValue] | None = Field(
+        None,
+        description="Feature values forced for this request. In this version only the "
+        f"context features ({', '.join(CONTEXT_FEATURES)}) can be overridden; an override "
+        "replaces the context value. Any other name is rejected with 422.",
+    )
+    deadline_ms: int | None = Field(
+        None, ge=1, le=10_000, description="Time budget; default from the gateway settings."
+    )
+    request_id: RequestId | None = Field(
+        None, description="Caller's id ([A-Za-z0-9._-], <= 64 chars); generated when absent."
+    )
+
+    @field_validator("feature_overrides")
+    @classmethod
+    def _context_features_only(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            other = sorted(set(value) - set(CONTEXT_FEATURES))
+            if other:
+                raise ValueError(
+                    "only context features can be overridden in this version "
+                    f"({', '.join(CONTEXT_FEATURES)}); not allowed: {', '.join(other)}"
+                )
+        return value
+
+    def effective_context(self) -> dict[str, float]:
+        """Context with the overrides applied."""
+        return {**self.context, **(self.feature_overrides or {})}
+
+    def context_vector(self) -> list[float]:
+        """The ensemble's ``context`` row; NaN for a feature not given (imputed in Triton)."""
+        ctx = self.effective_context()
+        return [ctx.get(name, math.nan) for name in CONTEXT_FEATURES]
+
+
+class PredictResponse(BaseModel):
+    """The served prediction and how it was produced."""
+
+    prediction: float = Field(description="Fraud probability served.")
+    label: str = Field(description="fraud when prediction >= the model's threshold, else legit.")
+    confidence: float = Field(description="Probability of the returned label.")
+    model_name: str = Field(description="Catalog model name, e.g. fraud_xgb.")
+    model_version: str = Field(description="Version of the deployment that served.")
+    deployment_arm: Arm = Field(description="prod or canary arm of the traffic split.")
+    degraded: bool = Field(description="True when features or Triton were unavailable.")
+    degraded_reason: str | None = Field(
+        None,
+        description="Why degraded, e.g. feature_store_unavailable:fraud_context_lr or "
+        "triton_unavailable:class_prior; null otherwise.",
+    )
+    request_id: str = Field(description="Echoed or generated request id.")
+    latency_ms: float = Field(description="Time spent in the gateway for this prediction.")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_request.")
+    message: str = Field(description="What went wrong; names the offending field(s).")
+
+
+class ErrorResponse(BaseModel):
+    """Body of every 4xx/5xx response."""
+
+    error: ErrorDetail
+
+
+class FallbackInfo(BaseModel):
+    type: str
+    score: float
+    threshold: float
+
+
+class DeploymentInfo(BaseModel):
+    deployment_id: int
+    model_version: str
+    serving_endpoint: str = Field(description="Triton ensemble serving this deployment.")
+    role: DeploymentRole
+    traffic_pct: float
+    is_shadow: bool
+    shadow_sample_pct: float
+    feature_groups: list[str]
+    fallback: FallbackInfo | None = Field(description="What serves when Triton cannot.")
+    deployed_at: datetime
+
+
+class ModelInfo(BaseModel):
+    model_name: str
+    deployments: list[DeploymentInfo]
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    catalog_loaded_at: float | None = Field(description="Unix time of the last catalog load.")
+
+
+class TritonModelHealth(BaseModel):
+    deployment_id: int
+    serving_endpoint: str
+    role: DeploymentRole
+    ready: bool
+    loaded_versions: list[str] = Field(description="Versions READY in Triton.")
+    state: str | None = Field(description="Triton's repository-index state, e.g. READY.")
+    reason: str | None = None
+
+
+class FeatureStoreHealth(BaseModel):
+    """Inferred from the share of Triton answers degraded with feature_store_unavailable."""
+
+    status: Literal["ok", "impaired", "unavailable", "unknown"] = Field(
+        description="ok: none degraded; impaired: some; unavailable: at least half; "
+        "unknown: no Triton answer in the last minute."
+    )
+    degraded_rate_1m: float | None
+
+
+class ModelHealth(BaseModel):
+    model_name: str
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="unavailable: no traffic arm READY in Triton (fallbacks serve); degraded: "
+        "an arm not READY or the feature store not ok; ok otherwise."
+    )
+    triton_reachable: bool
+    triton_error: str | None = None
+    deployments: list[TritonModelHealth]
+    feature_store: FeatureStoreHealth
+    requests_1m: int
+    degraded_rate_1m: float | None
+    last_inference_latency_ms: float | None = Field(
+        description="Latency of the last Triton inference for this model."
+    )
+
+
+class ReadyStatus(BaseModel):
+    ready: bool
+    catalog: str
+    triton: str
