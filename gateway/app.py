@@ -6,6 +6,7 @@ closes them in reverse order. Everything the routes need is on ``app.state.gatew
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,14 +17,16 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.catalog import Catalog
 from gateway.config import GatewaySettings
-from gateway.deps import DiscardPredictionLog, GatewayDeps
+from gateway.deps import DiscardPredictionLog, GatewayDeps, PredictionLog
 from gateway.errors import GatewayError, install_error_handler
 from gateway.health import HealthTracker
 from gateway.ingress import IngressMiddleware
 from gateway.metrics import GatewayMetrics
+from gateway.prediction_log import KafkaPredictionLog
 from gateway.responses import OrjsonResponse
 from gateway.routes import build_router
 from gateway.service import PredictionService
+from gateway.spool import SpoolLockedError
 from gateway.triton_client import TritonClient
 from rtinfer.postgres_server import dsn
 from rtinfer.settings import Settings
@@ -61,16 +64,34 @@ async def _connect_triton(triton: TritonClient, timeout_s: float) -> None:
         log.warning("triton not reachable at startup: %s", exc.message)
 
 
+MAX_SPOOL_SLOTS = 64
+
+
+def open_prediction_log(settings: Settings) -> PredictionLog:
+    """The configured prediction log; Kafka with a spool slot of its own per worker process.
+
+    Slots (``slot-0``, ``slot-1``, ...) are claimed by lock, so a restarted worker takes over
+    a slot a previous process left and replays what it had spooled.
+    """
+    gw = settings.gateway
+    if gw.prediction_log == "discard":
+        return DiscardPredictionLog()
+    bootstrap = gw.kafka_bootstrap or settings.kafka.bootstrap
+    root = gw.spool_dir or settings.state_dir / "spool"
+    for slot in range(MAX_SPOOL_SLOTS):
+        try:
+            return KafkaPredictionLog(bootstrap, spool_dir=root / f"slot-{slot}")
+        except SpoolLockedError:
+            continue
+    raise RuntimeError(f"all {MAX_SPOOL_SLOTS} prediction-log spool slots in {root} are in use")
+
+
 def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     """A gateway app; nothing connects until its lifespan starts."""
     deps = deps or GatewayDeps()
     gw = settings.gateway
     metrics = GatewayMetrics()
     health = HealthTracker()
-
-    prediction_log = deps.prediction_log
-    if prediction_log is None:
-        prediction_log = DiscardPredictionLog()
 
     def count_error(err: GatewayError) -> None:
         metrics.errors.labels(err.code).inc()
@@ -97,6 +118,11 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
             connect_timeout_s=gw.postgres_connect_timeout_s,
             metrics=metrics,
         )
+        prediction_log = deps.prediction_log
+        owned_log = prediction_log is None
+        if prediction_log is None:
+            # per process: librdkafka threads and the spool lock do not survive a fork
+            prediction_log = open_prediction_log(settings)
         try:
             await pool.open(wait=False)
             await catalog.start(gw.catalog_startup_wait_s)
@@ -115,6 +141,9 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
             await catalog.close()
             await pool.close()
             await triton.close()
+            if owned_log and isinstance(prediction_log, KafkaPredictionLog):
+                # deliver what is queued; the rest goes to the spool, nothing is lost
+                await asyncio.to_thread(prediction_log.close, 10.0)
 
     app = FastAPI(
         title="rtinfer gateway",

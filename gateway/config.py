@@ -6,6 +6,7 @@ Read from ``RTINFER_GATEWAY__*`` environment variables, e.g. ``RTINFER_GATEWAY__
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
@@ -36,6 +37,15 @@ class GatewaySettings(BaseModel):
     )
     catalog_startup_wait_s: float = Field(
         5.0, ge=0, description="Startup wait for the first catalog load (/readyz 503 until)."
+    )
+    prediction_log: Literal["kafka", "discard"] = Field(
+        "kafka", description="kafka: every prediction to Kafka, spooled to disk if it is down."
+    )
+    kafka_bootstrap: str | None = Field(
+        None, description="Prediction-log brokers; default: the local stack's (settings.kafka)."
+    )
+    spool_dir: Path | None = Field(
+        None, description="Prediction-log spool root; default: <state_dir>/spool."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the gateway's JSON log lines."

@@ -580,3 +580,58 @@ async def test_postgres_outage_keeps_the_last_catalog_then_listens_again(
         await eventually(notified, timeout_s=1.0)  # listening again
     finally:
         set_traffic(conninfo, "fraud_blend", 100.0)
+
+
+async def test_default_prediction_log_writes_every_prediction_to_kafka(
+    running_stack: StackState, stack_settings: Settings, conninfo: str, tmp_path: Path
+) -> None:
+    """Without an injected log the app logs to Kafka; each prediction appears once."""
+    import orjson
+    from confluent_kafka import Consumer, TopicPartition
+
+    assert running_stack.kafka_bootstrap is not None
+    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings.gateway.kafka_bootstrap = running_stack.kafka_bootstrap
+    settings.gateway.spool_dir = tmp_path / "spool"
+    ids = {f"kafka-log-{i}" for i in range(20)}
+    app = create_app(settings)  # no GatewayDeps: the configured (Kafka) prediction log
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
+    ):
+        for rid in sorted(ids):
+            r = await client.post("/predict/fraud_xgb", json={**BODY, "request_id": rid})
+            assert r.status_code == 200, r.text
+    # lifespan exit flushed the producer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": running_stack.kafka_bootstrap,
+            "group.id": "test-default-prediction-log",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics("predictions", timeout=10)
+        parts = [TopicPartition("predictions", p, 0) for p in meta.topics["predictions"].partitions]
+        consumer.assign(parts)
+        seen: dict[str, int] = {}
+        records = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and set(seen) < ids:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            rec = orjson.loads(msg.value())
+            if rec["request_id"] in ids:
+                seen[rec["request_id"]] = seen.get(rec["request_id"], 0) + 1
+                records[rec["request_id"]] = rec
+    finally:
+        consumer.close()
+    assert set(seen) == ids
+    assert all(n == 1 for n in seen.values()), seen
+    rec = records["kafka-log-0"]
+    assert rec["model_name"] == "fraud_xgb" and rec["arm"] == "prod"
+    assert len(rec["features"]) == 50 and rec["feature_hash"]
+    assert set(rec["stage_latency_ms"]) >= {"route", "infer"}
