@@ -6,7 +6,7 @@ import math
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -17,20 +17,10 @@ from pydantic import (
     field_validator,
 )
 
-#: the ensembles' ``context`` input, in tensor order (same as rtinfer.client.CONTEXT_FEATURES)
-ContextFeature = Literal[
-    "amount",
-    "hour_of_day",
-    "day_of_week",
-    "channel",
-    "is_international",
-    "card_present",
-    "device_age_days",
-    "ip_risk_score",
-    "distance_from_home_km",
-    "is_new_device",
-]
-CONTEXT_FEATURES: tuple[str, ...] = get_args(ContextFeature)
+from rtinfer.client import CONTEXT_FEATURES
+
+#: the ensembles' ``context`` input, in tensor order
+ContextFeature = Literal[CONTEXT_FEATURES]  # type: ignore[valid-type]
 
 #: which traffic split arm served a prediction
 Arm = Literal["prod", "canary"]

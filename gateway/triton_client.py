@@ -23,7 +23,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
@@ -38,16 +37,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.metrics import GatewayMetrics
-
-OUTPUTS = (
-    "prediction",
-    "label",
-    "confidence",
-    "degraded",
-    "degraded_reason",
-    "imputed_count",
-    "features",
-)
+from rtinfer.client import OUTPUTS, ensemble_inputs
 
 
 @dataclass(frozen=True)
@@ -96,7 +86,7 @@ class TritonClient:
         timeout_s: float,
     ) -> InferenceResult:
         """Score one row with the ensemble ``endpoint``."""
-        inputs = _inputs(user_id, merchant_id, context)
+        inputs = ensemble_inputs(grpcclient, [user_id], [merchant_id], [context])
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -161,20 +151,6 @@ class TritonClient:
         if status.endswith("UNAVAILABLE"):
             return UpstreamUnavailable(f"{where} unavailable: {text}")
         return UpstreamError(f"{where} failed ({status or 'no status'}): {text}")
-
-
-def _inputs(user_id: str, merchant_id: str, context: Sequence[float]) -> list:
-    tensors = (
-        ("user_id", np.array([[user_id.encode()]], dtype=np.object_), "BYTES"),
-        ("merchant_id", np.array([[merchant_id.encode()]], dtype=np.object_), "BYTES"),
-        ("context", np.array([context], dtype=np.float32), "FP32"),
-    )
-    out = []
-    for name, array, dtype in tensors:
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        out.append(tensor)
-    return out
 
 
 def _text(value: object) -> str:

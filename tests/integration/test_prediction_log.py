@@ -11,59 +11,25 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from kafka_broker import Broker
 
 from gateway.prediction_log import KafkaPredictionLog
-from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, kafka_libs, start_kafka
-from rtinfer.procs import ManagedProcess, free_port
+from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-
-
-@dataclass
-class Broker:
-    data_dir: Path
-    libs: Path
-    port: int
-    controller_port: int
-    proc: ManagedProcess | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self.proc = start_kafka(
-            self.data_dir, self.port, self.controller_port, host=HOST, libs=self.libs
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-
-    def ensure_running(self) -> None:
-        if self.proc is None or not self.proc.alive():
-            self.start()
-
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker(
-        data_dir=tmp_path_factory.mktemp("kafka"),
-        libs=kafka_libs(),
-        port=free_port(HOST),
-        controller_port=free_port(HOST),
-    )
+    b = Broker.new(tmp_path_factory)
     b.start()
     try:
         ensure_topics(b.bootstrap, DEFAULT_TOPICS)

@@ -63,7 +63,7 @@ def context_vector(context: Mapping[str, float]) -> list[float]:
     return [float(context.get(name, float("nan"))) for name in CONTEXT_FEATURES]
 
 
-def _inputs(
+def ensemble_inputs(
     module: Any, user_ids: Sequence[str], merchant_ids: Sequence[str], context: Any
 ) -> list:
     ctx = np.asarray(context, dtype=np.float32).reshape(len(user_ids), -1)
@@ -114,7 +114,7 @@ class FraudClient:
         merchant_ids: Sequence[str],
         context: Sequence[Sequence[float]],
     ) -> list[Prediction]:
-        inputs = _inputs(self._module, user_ids, merchant_ids, context)
+        inputs = ensemble_inputs(self._module, user_ids, merchant_ids, context)
         outputs = [self._module.InferRequestedOutput(name) for name in OUTPUTS]
         kwargs: dict[str, Any] = {}
         if self.protocol == "grpc":
