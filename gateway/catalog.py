@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "model_catalog"
 
-SELECT_ACTIVE = """
-    SELECT deployment_id, model_name, model_version, serving_endpoint, traffic_pct,
-           feature_groups, fallback_config, is_shadow, shadow_sample_pct, deployed_at
+#: the ``model_deployments`` columns ``Deployment.from_row`` reads, in its order
+DEPLOYMENT_COLUMNS = (
+    "deployment_id, model_name, model_version, serving_endpoint, traffic_pct, "
+    "feature_groups, fallback_config, is_shadow, shadow_sample_pct, deployed_at"
+)
+
+SELECT_ACTIVE = f"""
+    SELECT {DEPLOYMENT_COLUMNS}
     FROM model_deployments
     WHERE is_active
     ORDER BY model_name, deployment_id
@@ -93,6 +98,14 @@ class ModelEntry:
     name: str
     deployments: tuple[Deployment, ...]
     routing: RoutingTable
+    #: the active shadow deployments, which receive mirrored requests and never answer
+    shadows: tuple[Deployment, ...] = ()
+
+    @classmethod
+    def build(cls, name: str, deployments: Sequence[Deployment]) -> ModelEntry:
+        deps = tuple(deployments)
+        shadows = tuple(d for d in deps if d.is_shadow)
+        return cls(name, deps, RoutingTable.build(deps), shadows)
 
 
 @dataclass(frozen=True)
@@ -106,10 +119,7 @@ class CatalogSnapshot:
         by_model: dict[str, list[Deployment]] = {}
         for dep in deployments:
             by_model.setdefault(dep.model_name, []).append(dep)
-        models = {
-            name: ModelEntry(name, tuple(deps), RoutingTable.build(deps))
-            for name, deps in sorted(by_model.items())
-        }
+        models = {name: ModelEntry.build(name, deps) for name, deps in sorted(by_model.items())}
         return cls(MappingProxyType(models), loaded_at)
 
     def get(self, model_name: str) -> ModelEntry | None:
@@ -153,6 +163,8 @@ class Catalog:
         self._snapshot = CatalogSnapshot()
         self._changed = asyncio.Event()
         self._loaded = asyncio.Event()
+        #: one reload at a time, so a snapshot read earlier never replaces one read later
+        self._reload_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.last_error: str | None = None
 
@@ -187,11 +199,20 @@ class Catalog:
         self._tasks = []
 
     async def reload(self) -> CatalogSnapshot:
-        """Read every active deployment and swap in the new snapshot."""
-        async with self._pool.connection(timeout=self._connect_timeout_s) as conn:
-            cur = await conn.execute(SELECT_ACTIVE)
-            rows = await cur.fetchall()
-        snapshot = CatalogSnapshot.build([Deployment.from_row(r) for r in rows], time.time())
+        """Read every active deployment and swap in the new snapshot.
+
+        Callers that just changed the catalog (the shadow admin routes) await this to see their
+        change at once; reloads are serialized, so the returned snapshot includes every change
+        committed before the call.
+        """
+        async with self._reload_lock:
+            async with self._pool.connection(timeout=self._connect_timeout_s) as conn:
+                cur = await conn.execute(SELECT_ACTIVE)
+                rows = await cur.fetchall()
+            snapshot = CatalogSnapshot.build([Deployment.from_row(r) for r in rows], time.time())
+            return self._swap(snapshot, len(rows))
+
+    def _swap(self, snapshot: CatalogSnapshot, rows: int) -> CatalogSnapshot:
         changed = snapshot.deployments() != self._snapshot.deployments()
         self._snapshot = snapshot
         self._loaded.set()
@@ -199,7 +220,7 @@ class Catalog:
         if changed:
             log.info(
                 "model catalog loaded: %d active deployments of %d models",
-                len(rows),
+                rows,
                 len(snapshot.models),
             )
         return snapshot

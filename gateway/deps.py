@@ -18,6 +18,10 @@ class PredictionLog(Protocol):
     deployment_id, arm, serving_endpoint, entity_ids, context (as sent), feature_overrides,
     features (the served vector; empty when the fallback served), prediction, label,
     confidence, degraded, degraded_reason, latency_ms, stage_latency_ms.
+
+    Requests mirrored to a shadow deployment give a second record with ``arm == "shadow"``
+    and the same request_id, plus ``production`` (what production served), ``error`` (the
+    shadow's failure or ``None``) and ``sample_pct`` (see docs/prediction-log.md).
     """
 
     def log(self, record: Mapping[str, Any]) -> None: ...
@@ -31,8 +35,15 @@ class DiscardPredictionLog:
 
 
 #: Authenticates (and may rate-limit) a request before any catalog or prediction route runs.
-#: Raises ``gateway.errors.Unauthorized`` / ``RateLimited``; the returned value is ignored.
+#: Raises ``gateway.errors.Unauthorized`` / ``RateLimited``; returns the principal (e.g. a
+#: ``gateway.auth.ApiKey``), which the routes leave on ``request.state.principal``. Catalog
+#: writes (shadow registration) need a principal whose ``is_admin`` is true, else 403.
 Authenticate = Callable[[Request], Awaitable[object]]
+
+
+def is_admin(principal: object) -> bool:
+    """Whether an authenticated principal may change the catalog."""
+    return getattr(principal, "is_admin", False) is True
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,22 @@ class Unauthorized(GatewayError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(GatewayError):
+    """Authenticated, but not allowed to do this."""
+
+    status, code = 403, "forbidden"
+
+
+class AdminRequired(Forbidden):
+    code = "admin_required"
+
+
+class Conflict(GatewayError):
+    """The change conflicts with the current state (e.g. an existing catalog row)."""
+
+    status, code = 409, "conflict"
+
+
 class NotFound(GatewayError):
     status, code = 404, "not_found"
 

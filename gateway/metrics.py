@@ -73,6 +73,19 @@ class GatewayMetrics:
             "1 while the LISTEN model_catalog connection is up.",
             registry=reg,
         )
+        self.shadow_requests = Counter(
+            "rtinfer_gateway_shadow_requests",
+            "Requests mirrored to shadow deployments by model and outcome (ok, error, dropped).",
+            ["model", "outcome"],
+            registry=reg,
+        )
+        self.shadow_seconds = Histogram(
+            "rtinfer_gateway_shadow_seconds",
+            "Shadow calls (Triton round trip) by model and outcome (ok, error).",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

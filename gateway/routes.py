@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import Response
 
+from gateway import shadow_admin
 from gateway.catalog import Deployment, ModelEntry
-from gateway.deps import Authenticate
-from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
+from gateway.deps import Authenticate, is_admin
+from gateway.errors import AdminRequired, GatewayError, ModelNotFound, UpstreamUnavailable
 from gateway.ingress import RECEIVED_AT
 from gateway.metrics import GatewayMetrics
 from gateway.responses import OrjsonResponse
 from gateway.schemas import (
     DEGRADED_HEADER,
     REQUEST_ID_HEADER,
+    CatalogName,
     DeploymentInfo,
     ErrorResponse,
     FallbackInfo,
@@ -28,6 +31,8 @@ from gateway.schemas import (
     PredictRequest,
     PredictResponse,
     ReadyStatus,
+    ShadowRemoval,
+    ShadowRequest,
     TritonModelHealth,
     new_request_id,
     valid_request_id,
@@ -35,6 +40,11 @@ from gateway.schemas import (
 
 if TYPE_CHECKING:
     from gateway.app import Runtime
+
+log = logging.getLogger(__name__)
+
+#: where the routes leave the authenticated principal (``None`` without authentication)
+PRINCIPAL = "principal"
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -48,15 +58,30 @@ def _runtime(request: Request) -> Runtime:
 def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
     router = APIRouter()
     guarded: list[Any] = []
+
+    async def auth(request: Request) -> object:
+        """The authenticated principal; ``None`` when no authentication is configured."""
+        if authenticate is None:
+            return None
+        started = time.perf_counter()
+        try:
+            principal = await authenticate(request)
+        finally:
+            metrics.stage_seconds.labels("auth").observe(time.perf_counter() - started)
+        setattr(request.state, PRINCIPAL, principal)
+        return principal
+
+    async def admin(request: Request) -> None:
+        """Catalog writes: any caller without authentication, else an admin key (403)."""
+        principal = await auth(request)
+        if authenticate is not None and not is_admin(principal):
+            key_id = getattr(principal, "key_id", None)
+            raise AdminRequired(
+                "changing shadow deployments requires an admin API key"
+                + (f"; key {key_id} is not an admin" if key_id else "")
+            )
+
     if authenticate is not None:
-
-        async def auth(request: Request) -> None:
-            started = time.perf_counter()
-            try:
-                await authenticate(request)
-            finally:
-                metrics.stage_seconds.labels("auth").observe(time.perf_counter() - started)
-
         guarded = [Depends(auth)]
 
     @router.post(
@@ -112,6 +137,54 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
     async def get_model(model_name: str, request: Request) -> ModelInfo:
         return _model_info(_entry(_runtime(request), model_name))
 
+    @router.post(
+        "/models/{model_name}/shadow",
+        status_code=201,
+        response_model=DeploymentInfo,
+        responses=_errors(401, 403, 404, 409, 422, 429, 503),
+        dependencies=[Depends(admin)],
+        summary="Register a shadow deployment of a model (admin)",
+        description="The shadow receives a sample of the model's requests after each response "
+        "is computed, never answers, and its predictions go to the prediction log (topic "
+        "predictions-shadow) with the production answer. 404: no active production "
+        "deployment; 409: an active shadow of this version exists; 422: serving_endpoint not "
+        "READY in Triton. The answer is the new deployment, already in this gateway's catalog.",
+    )
+    async def register_shadow(
+        model_name: str, body: ShadowRequest, request: Request
+    ) -> DeploymentInfo:
+        rt = _runtime(request)
+        await shadow_admin.check_can_register(rt.pool, model_name, body.model_version)
+        await shadow_admin.check_endpoint_ready(
+            rt.triton, body.serving_endpoint, rt.settings.triton_ready_timeout_s
+        )
+        shadow = await shadow_admin.register_shadow(rt.pool, model_name, body, _actor(request))
+        await _reload(rt)
+        return _shadow_info(shadow)
+
+    @router.delete(
+        "/models/{model_name}/shadow",
+        response_model=ShadowRemoval,
+        responses=_errors(401, 403, 404, 422, 429, 503),
+        dependencies=[Depends(admin)],
+        summary="Remove a model's shadow deployments (admin)",
+        description="Deactivates every active shadow of the model, or only that of "
+        "model_version. 404 shadow_not_found when there is none.",
+    )
+    async def remove_shadow(
+        model_name: str,
+        request: Request,
+        model_version: Annotated[
+            CatalogName | None, Query(description="Remove only this version's shadow.")
+        ] = None,
+    ) -> ShadowRemoval:
+        rt = _runtime(request)
+        removed = await shadow_admin.remove_shadows(
+            rt.pool, model_name, model_version, _actor(request)
+        )
+        await _reload(rt)
+        return ShadowRemoval(model_name=model_name, removed=[_shadow_info(d) for d in removed])
+
     @router.get(
         "/predict/{model_name}/health",
         response_model=ModelHealth,
@@ -159,6 +232,24 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return router
+
+
+def _actor(request: Request) -> str | None:
+    """Who made a catalog change, for its history row: the API key id, if any."""
+    key_id = getattr(getattr(request.state, PRINCIPAL, None), "key_id", None)
+    return str(key_id) if key_id is not None else None
+
+
+async def _reload(rt: Runtime) -> None:
+    """Reload the catalog after a write, so this gateway serves the change from now on."""
+    try:
+        await rt.catalog.reload()
+    except Exception as exc:  # the listener or the periodic reload catches up
+        log.warning("catalog reload after a shadow change failed: %s: %s", type(exc).__name__, exc)
+
+
+def _shadow_info(shadow: Deployment) -> DeploymentInfo:
+    return _deployment_info(ModelEntry.build(shadow.model_name, [shadow]), shadow)
 
 
 def _entry(rt: Runtime, model_name: str) -> ModelEntry:

@@ -108,7 +108,12 @@ class PredictRequest(_Strict):
         "replaces the context value. Any other name is rejected with 422.",
     )
     deadline_ms: int | None = Field(
-        None, ge=1, le=10_000, description="Time budget; default from the gateway settings."
+        None,
+        ge=1,
+        le=10_000,
+        description="Time budget of routing and inference, counted once the request is "
+        "authenticated; when it is spent, the deployment's fallback answers (degraded). "
+        "Default from the gateway settings (100 ms).",
     )
     request_id: RequestId | None = Field(
         None, description="Caller's id ([A-Za-z0-9._-], <= 64 chars); generated when absent."
@@ -236,3 +241,54 @@ class ReadyStatus(BaseModel):
     ready: bool
     catalog: str
     triton: str
+
+
+#: a catalog model version or Triton model name: letters, digits and ``._-``
+CatalogName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+
+
+class ClassPriorConfig(_Strict):
+    """A deployment's ``fallback_config`` (the only type in this version)."""
+
+    type: Literal["class_prior"]
+    score: float = Field(ge=0.0, le=1.0, description="Fraud probability served.")
+    threshold: float = Field(ge=0.0, le=1.0, description="Score at and above which: fraud.")
+
+
+class ShadowRequest(_Strict):
+    """A model version to mirror requests to, without answering any."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version": "2",
+                    "serving_endpoint": "fraud_nn_pipeline",
+                    "sample_pct": 25,
+                }
+            ]
+        }
+    )
+
+    model_version: CatalogName = Field(description="Version registered for the shadow.")
+    serving_endpoint: CatalogName = Field(
+        description="Triton ensemble serving the shadow; must be READY in Triton."
+    )
+    sample_pct: float = Field(
+        100.0,
+        ge=0.01,
+        le=100.0,
+        description="Share of the model's requests mirrored to the shadow (sticky per request id).",
+    )
+    feature_groups: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = (
+        Field(None, description="Online feature groups read; default: the production arm's.")
+    )
+    fallback_config: ClassPriorConfig | None = Field(
+        None,
+        description="Stored with the deployment, for when it is promoted; shadows never serve it.",
+    )
+
+
+class ShadowRemoval(BaseModel):
+    model_name: str
+    removed: list[DeploymentInfo] = Field(description="The deactivated shadow deployments.")

@@ -8,7 +8,9 @@
   the deployment's ``fallback_config`` serves a degraded answer; without one the typed error
   propagates;
 * ``log`` (after the response is computed, from the event loop's next turn): the record goes
-  to the prediction log and one JSON line to the ``gateway`` log.
+  to the prediction log and one JSON line to the ``gateway`` log;
+* ``shadow`` (after that, off the request path): the request is mirrored to the model's
+  shadow deployments (``gateway/shadow.py``); they never delay or change the response.
 
 Each stage's time goes to ``rtinfer_gateway_stage_seconds{stage}``. The REST route calls this
 object; so will any other door (e.g. a Kafka worker).
@@ -23,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from gateway.catalog import Catalog, Deployment
+from gateway.catalog import Catalog, Deployment, ModelEntry
 from gateway.deps import PredictionLog
 from gateway.errors import (
     DeadlineExceeded,
@@ -37,6 +39,7 @@ from gateway.logs import model_var, model_version_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.routing import Route
 from gateway.schemas import PredictRequest, PredictResponse
+from gateway.shadow import ShadowMirror
 from gateway.triton_client import InferenceResult, TritonClient
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,8 @@ class PredictionService:
         health: HealthTracker,
         prediction_log: PredictionLog,
         default_deadline_ms: int,
+        shadow_timeout_ms: int = 500,
+        shadow_max_in_flight: int = 32,
     ) -> None:
         self._catalog = catalog
         self._triton = triton
@@ -82,6 +87,17 @@ class PredictionService:
         self._health = health
         self._prediction_log = prediction_log
         self._default_deadline_ms = default_deadline_ms
+        self._shadow = ShadowMirror(
+            triton=triton,
+            prediction_log=prediction_log,
+            metrics=metrics,
+            timeout_s=shadow_timeout_ms / 1000.0,
+            max_in_flight=shadow_max_in_flight,
+        )
+
+    async def close(self) -> None:
+        """Wait for the shadow calls still in flight (before the prediction log closes)."""
+        await self._shadow.close()
 
     async def predict(
         self,
@@ -94,7 +110,9 @@ class PredictionService:
         """Serve one prediction; ``received_at`` is the ``time.perf_counter()`` of arrival."""
         started = time.perf_counter() if received_at is None else received_at
         timestamp = time.time() - (time.perf_counter() - started)
-        deadline = started + (request.deadline_ms or self._default_deadline_ms) / 1000.0
+        # the budget counts from here: authentication (a cold key costs a scrypt hash) and
+        # body parsing are not the model's time; latency_ms still counts from arrival
+        deadline = time.perf_counter() + (request.deadline_ms or self._default_deadline_ms) / 1e3
         stages = _Stages(self._metrics)
         tokens = (
             (request_id_var, request_id_var.set(request_id)),
@@ -104,7 +122,7 @@ class PredictionService:
         route: Route | None = None
         try:
             with stages("route"):
-                route = self._route(model_name, request.entity_ids.user_id)
+                entry, route = self._route(model_name, request.entity_ids.user_id)
             deployment = route.deployment
             model_version_var.set(deployment.model_version)
             failure: UpstreamFailure | None = None
@@ -131,7 +149,11 @@ class PredictionService:
                 assert failure is not None
                 with stages("fallback"):
                     response = self._fallback(model_name, route, failure, request_id, started)
-            self._finish(route, request, response, result, stages, timestamp)
+            record = self._finish(route, request, response, result, stages, timestamp)
+            if entry.shadows:
+                asyncio.get_running_loop().call_soon(
+                    self._shadow.mirror, entry.shadows, request, record
+                )
             return response
         except Exception as exc:
             self._finish_error(model_name, request_id, route, exc, stages, started)
@@ -140,7 +162,7 @@ class PredictionService:
             for var, token in tokens:
                 var.reset(token)
 
-    def _route(self, model_name: str, user_id: str) -> Route:
+    def _route(self, model_name: str, user_id: str) -> tuple[ModelEntry, Route]:
         if not self._catalog.loaded:
             raise UpstreamUnavailable("the model catalog has not been loaded yet")
         entry = self._catalog.get(model_name)
@@ -151,7 +173,7 @@ class PredictionService:
             raise UpstreamUnavailable(
                 f"model {model_name!r} has no active deployment receiving traffic"
             )
-        return route
+        return entry, route
 
     async def _infer(
         self, deployment: Deployment, request: PredictRequest, request_id: str, deadline: float
@@ -202,7 +224,8 @@ class PredictionService:
         result: InferenceResult | None,
         stages: _Stages,
         timestamp: float,
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Count the prediction and schedule its log record; the record is returned."""
         deployment = route.deployment
         model = response.model_name
         self._metrics.requests.labels(model, route.arm, "200").inc()
@@ -235,6 +258,7 @@ class PredictionService:
             "stage_latency_ms": dict(stages.ms),
         }
         asyncio.get_running_loop().call_soon(self._log_prediction, record)
+        return record
 
     def _finish_error(
         self,
