@@ -6,7 +6,6 @@ closes them in reverse order. Everything the routes need is on ``app.state.gatew
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,20 +14,20 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
 
+from gateway.async_routes import AsyncPredictDoor, build_async_router
 from gateway.catalog import Catalog
 from gateway.config import GatewaySettings
-from gateway.deps import DiscardPredictionLog, GatewayDeps, PredictionLog
+from gateway.deps import GatewayDeps
 from gateway.errors import GatewayError, install_error_handler
 from gateway.health import HealthTracker
 from gateway.ingress import IngressMiddleware
 from gateway.metrics import GatewayMetrics
-from gateway.prediction_log import KafkaPredictionLog
 from gateway.responses import OrjsonResponse
 from gateway.routes import build_router
+from gateway.runtime import catalog_conninfo, open_serving_core
+from gateway.security import ApiKeyGuard
 from gateway.service import PredictionService
-from gateway.spool import SpoolLockedError
 from gateway.triton_client import TritonClient
-from rtinfer.postgres_server import dsn
 from rtinfer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -47,103 +46,59 @@ class Runtime:
     metrics: GatewayMetrics
 
 
-def catalog_conninfo(settings: Settings) -> str:
-    """``gateway.postgres_dsn``, else the local stack's instance (its generated password)."""
-    if settings.gateway.postgres_dsn is not None:
-        return settings.gateway.postgres_dsn.get_secret_value()
-    pg = settings.postgres
-    return dsn(settings.state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
-
-
-async def _connect_triton(triton: TritonClient, timeout_s: float) -> None:
-    """Open the gRPC channel now rather than on the first prediction; never fatal."""
-    try:
-        if not await triton.is_server_ready(timeout_s):
-            log.warning("triton at %s is not ready yet", triton.url)
-    except GatewayError as exc:
-        log.warning("triton not reachable at startup: %s", exc.message)
-
-
-MAX_SPOOL_SLOTS = 64
-
-
-def open_prediction_log(settings: Settings) -> PredictionLog:
-    """The configured prediction log; Kafka with a spool slot of its own per worker process.
-
-    Slots (``slot-0``, ``slot-1``, ...) are claimed by lock, so a restarted worker takes over
-    a slot a previous process left and replays what it had spooled.
-    """
-    gw = settings.gateway
-    if gw.prediction_log == "discard":
-        return DiscardPredictionLog()
-    bootstrap = gw.kafka_bootstrap or settings.kafka.bootstrap
-    root = gw.spool_dir or settings.state_dir / "spool"
-    for slot in range(MAX_SPOOL_SLOTS):
-        try:
-            return KafkaPredictionLog(bootstrap, spool_dir=root / f"slot-{slot}")
-        except SpoolLockedError:
-            continue
-    raise RuntimeError(f"all {MAX_SPOOL_SLOTS} prediction-log spool slots in {root} are in use")
+def rate_limit_redis_url(settings: Settings) -> str:
+    """``gateway.redis_url``, else the local stack's Redis."""
+    if settings.gateway.redis_url is not None:
+        return settings.gateway.redis_url.get_secret_value()
+    return settings.redis.url
 
 
 def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
-    """A gateway app; nothing connects until its lifespan starts."""
+    """A gateway app; nothing connects until its lifespan starts.
+
+    Authentication: ``deps.authenticate`` when given; otherwise, with ``gateway.auth =
+    "api_key"`` (the default), an :class:`ApiKeyGuard` over the catalog database and Redis.
+    """
     deps = deps or GatewayDeps()
     gw = settings.gateway
     metrics = GatewayMetrics()
     health = HealthTracker()
+    authenticate = deps.authenticate
+    guard: ApiKeyGuard | None = None
+    if authenticate is None and gw.auth == "api_key":
+        guard = ApiKeyGuard.connect(
+            catalog_conninfo(settings),
+            rate_limit_redis_url(settings),
+            cache_ttl_s=gw.auth_cache_ttl_s,
+            burst_multiplier=gw.rate_limit_burst,
+        )
+        authenticate = guard
 
     def count_error(err: GatewayError) -> None:
         metrics.errors.labels(err.code).inc()
 
+    async_door = AsyncPredictDoor(settings, metrics)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = AsyncConnectionPool(
-            catalog_conninfo(settings),
-            min_size=1,
-            max_size=gw.postgres_pool_size,
-            open=False,
-            timeout=gw.postgres_connect_timeout_s,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
-            },
-            name="gateway",
-            check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
-        )
-        triton = TritonClient(gw.triton_grpc_url, metrics)
-        catalog = Catalog(
-            pool,
-            refresh_s=gw.catalog_refresh_s,
-            connect_timeout_s=gw.postgres_connect_timeout_s,
-            metrics=metrics,
-        )
-        prediction_log = deps.prediction_log
-        owned_log = prediction_log is None
-        if prediction_log is None:
-            # per process: librdkafka threads and the spool lock do not survive a fork
-            prediction_log = open_prediction_log(settings)
+        # the serving core (pool, catalog, Triton, prediction log, service) is shared with the
+        # async worker: gateway/runtime.py
         try:
-            await pool.open(wait=False)
-            await catalog.start(gw.catalog_startup_wait_s)
-            await _connect_triton(triton, gw.triton_ready_timeout_s)
-            service = PredictionService(
-                catalog=catalog,
-                triton=triton,
-                metrics=metrics,
-                health=health,
-                prediction_log=prediction_log,
-                default_deadline_ms=gw.default_deadline_ms,
-            )
-            app.state.gateway = Runtime(gw, triton, pool, catalog, service, health, metrics)
-            yield
+            if guard is not None:
+                await guard.open()
+            async with open_serving_core(settings, metrics, health, deps.prediction_log) as core:
+                app.state.gateway = Runtime(
+                    gw, core.triton, core.pool, core.catalog, core.service, health, metrics
+                )
+                await async_door.open()
+                app.state.async_predict = async_door
+                try:
+                    yield
+                finally:
+                    await async_door.close()
         finally:
-            await catalog.close()
-            await pool.close()
-            await triton.close()
-            if owned_log and isinstance(prediction_log, KafkaPredictionLog):
-                # deliver what is queued; the rest goes to the spool, nothing is lost
-                await asyncio.to_thread(prediction_log.close, 10.0)
+            if guard is not None:
+                await guard.close()
 
     app = FastAPI(
         title="rtinfer gateway",
@@ -156,5 +111,6 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     )
     install_error_handler(app, count_error)
     app.add_middleware(IngressMiddleware, max_body_bytes=gw.max_body_bytes, on_error=count_error)
-    app.include_router(build_router(metrics, deps.authenticate))
+    app.include_router(build_router(metrics, authenticate))
+    app.include_router(build_async_router(metrics, authenticate))
     return app

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
+from gateway.async_config import AsyncPredictSettings
+
 
 class GatewaySettings(BaseModel):
     """The FastAPI gateway: HTTP server, request limits, Triton and catalog connections."""
@@ -21,6 +23,12 @@ class GatewaySettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body (413 above).")
     default_deadline_ms: int = Field(
         100, ge=1, le=10_000, description="Deadline of a prediction without deadline_ms."
+    )
+    shadow_timeout_ms: int = Field(
+        500, ge=1, le=60_000, description="Timeout of one mirrored call to a shadow deployment."
+    )
+    shadow_max_in_flight: int = Field(
+        32, ge=1, description="Shadow calls running at once per worker; beyond: dropped, counted."
     )
     triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
     triton_ready_timeout_s: float = Field(
@@ -47,6 +55,25 @@ class GatewaySettings(BaseModel):
     spool_dir: Path | None = Field(
         None, description="Prediction-log spool root; default: <state_dir>/spool."
     )
+    auth: Literal["api_key", "none"] = Field(
+        "api_key",
+        description="api_key: every catalog and prediction route needs a key from "
+        "`rtinfer apikeys create` (Bearer or X-API-Key) and is rate limited per key in Redis; "
+        "none: open (local experiments only).",
+    )
+    auth_cache_ttl_s: float = Field(
+        60.0, gt=0, description="How long a verified key is trusted (revocation delay)."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="Rate-limit Redis URL; default: the local stack's (settings.redis)."
+    )
+    rate_limit_burst: float = Field(
+        2.0, gt=0, description="Bucket size as a multiple of the key's per-second rate."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the gateway's JSON log lines."
+    )
+    async_predict: AsyncPredictSettings = Field(
+        default_factory=AsyncPredictSettings,
+        description="POST /predict/{model}/async: Kafka queue, workers, results, callbacks.",
     )

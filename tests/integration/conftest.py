@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from gateway.config import GatewaySettings
 from rtinfer import stack
 from rtinfer.client import FraudClient
 from rtinfer.settings import (
@@ -39,6 +40,7 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
         redis=RedisSettings(port=0),
         postgres=PostgresSettings(port=0),
         kafka=KafkaSettings(port=0, controller_port=0),
+        gateway=GatewaySettings(port=0),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),
     )

@@ -76,6 +76,7 @@ def gateway_settings(base: Settings, triton_grpc_url: str, conninfo: str) -> Set
         # a busy 2-core box must not turn Triton answers into deadline fallbacks
         default_deadline_ms=5000,
         triton_ready_timeout_s=1.0,
+        auth="none",  # tests that need keys pass an authenticate hook or use test_gateway_auth
     )
     return base.model_copy(update={"gateway": gw})
 
@@ -484,8 +485,9 @@ async def test_metrics_health_and_readiness(gateway: Gateway) -> None:
     assert 'rtinfer_gateway_requests_total{arm="none",model="unknown",status="404"} 1.0' in metrics
     assert 'rtinfer_gateway_errors_total{code="model_not_found"} 1.0' in metrics
     assert 'rtinfer_gateway_stage_seconds_count{stage="infer"} 3.0' in metrics
+    # 3 predictions + the start-up warm-up call
     assert (
-        'rtinfer_gateway_triton_seconds_count{endpoint="fraud_xgb_pipeline",outcome="ok"} 3.0'
+        'rtinfer_gateway_triton_seconds_count{endpoint="fraud_xgb_pipeline",outcome="ok"} 4.0'
         in metrics
     )
 

@@ -130,7 +130,7 @@ def features_load(
 def stack_up(
     features: Annotated[bool, typer.Option(help="Seed the demo features.")] = True,
 ) -> None:
-    """Start Redis, PostgreSQL, Kafka and Triton; wait until every model is READY."""
+    """Start Redis, PostgreSQL, Kafka, Triton (every model READY) and the gateway (ready)."""
     settings = _settings()
     try:
         state = stack_mod.up(settings, load_features=features)
@@ -151,6 +151,32 @@ def stack_up(
         f"metrics http://{ports.host}:{ports.metrics}/metrics"
     )
     typer.echo(f"models   {', '.join(state.models)}")
+    if state.gateway_url is not None:
+        typer.echo(f"gateway  {state.gateway_url}  (docs {state.gateway_url}/docs)")
+    for i, w in enumerate(state.async_workers):
+        metrics_host = settings.gateway.async_predict.metrics_host
+        typer.echo(
+            f"worker   async-worker-{i} pid {w.pid}  metrics http://{metrics_host}:{w.port}/metrics"
+        )
+
+
+@app.command("worker")
+def worker() -> None:
+    """Run one async-prediction worker in the foreground (Ctrl-C stops it cleanly).
+
+    With a stack running it joins the stack's consumer group (one more worker); otherwise
+    it connects to what RTINFER_* configures.
+    """
+    from gateway.worker import main as run_worker
+
+    settings = _settings().model_copy(deep=True)
+    state = stack_mod.StackState.load(settings.state_dir)
+    if state is not None:
+        settings.redis.port = state.redis.port
+        settings.postgres.port = state.postgres.port if state.postgres else settings.postgres.port
+        settings.kafka.port = state.kafka.port if state.kafka else settings.kafka.port
+        settings.gateway.triton_grpc_url = state.triton_ports.grpc_url
+    run_worker(settings)
 
 
 @stack_app.command("down")

@@ -17,7 +17,7 @@ from gateway.config import GatewaySettings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Target = Literal["cpu", "ngc"]
-Service = Literal["redis", "postgres", "kafka", "triton"]
+Service = Literal["redis", "postgres", "kafka", "triton", "gateway", "async-worker"]
 
 
 class TritonSettings(BaseModel):
@@ -126,7 +126,14 @@ class Settings(BaseSettings):
     state_dir: Path = Field(REPO_ROOT / ".rtinfer", description="Pid files, logs, data.")
     seed: int = Field(7, description="Seed of the synthetic data and demo models.")
     services: list[Service] = Field(
-        default_factory=lambda: ["redis", "postgres", "kafka", "triton"],
+        default_factory=lambda: [
+            "redis",
+            "postgres",
+            "kafka",
+            "triton",
+            "gateway",
+            "async-worker",
+        ],
         description="What `stack up` starts (redis and triton are always started).",
     )
     triton: TritonSettings = Field(default_factory=TritonSettings)

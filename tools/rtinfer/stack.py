@@ -1,7 +1,10 @@
-"""The local stack: private Redis, PostgreSQL, Kafka and Triton, tracked in ``<state>/stack.json``.
+"""The local stack: private Redis, PostgreSQL, Kafka, Triton, the gateway and async workers.
 
 Start order is Redis (+ demo features), PostgreSQL (+ catalog migrations), Kafka (+ topics),
-then Triton; a failure stops whatever was already started. ``down`` stops in reverse order.
+Triton, then the gateway (which needs the catalog and Triton) and the async-prediction
+workers (``gateway.async_predict.workers`` processes); a failure stops whatever was
+already started. ``down`` stops in reverse order. What runs is tracked in
+``<state>/stack.json``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import psycopg
 import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from rtinfer.features import load_demo_features
+from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
 from rtinfer.migrate import apply_migrations
 from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
@@ -25,10 +30,13 @@ from rtinfer.redis_server import start_redis
 from rtinfer.render import render_repository
 from rtinfer.settings import Settings
 from rtinfer.triton_server import TritonPorts, http_ok, start_triton
+from rtinfer.worker_process import WORKER_PREFIX, start_worker, worker_name
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+#: every service ``up`` can start, in start order
+SERVICE_NAMES = ("redis", "postgres", "kafka", "triton", "gateway")
 
 
 @dataclass
@@ -52,6 +60,9 @@ class StackState:
     host: str = "127.0.0.1"
     postgres: ServiceState | None = None
     kafka: ServiceState | None = None
+    gateway: ServiceState | None = None
+    #: ``python -m gateway.worker`` processes; ``port`` is each one's /metrics port
+    async_workers: list[ServiceState] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -77,8 +88,14 @@ class StackState:
             "postgres": self.postgres,
             "kafka": self.kafka,
             "triton": self.triton,
+            "gateway": self.gateway,
         }
+        out.update({worker_name(i): svc for i, svc in enumerate(self.async_workers)})
         return {name: svc for name, svc in out.items() if svc is not None}
+
+    @property
+    def gateway_url(self) -> str | None:
+        return gateway_url(self.host, self.gateway.port) if self.gateway is not None else None
 
     @property
     def kafka_bootstrap(self) -> str | None:
@@ -90,9 +107,10 @@ class StackState:
         if not path.exists():
             return None
         raw = json.loads(path.read_text())
-        for name in ("redis", "triton", "postgres", "kafka"):
+        for name in SERVICE_NAMES:
             if raw.get(name) is not None:
                 raw[name] = ServiceState(**raw[name])
+        raw["async_workers"] = [ServiceState(**w) for w in raw.get("async_workers", [])]
         return cls(**raw)
 
 
@@ -121,6 +139,15 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
         settings.kafka.controller_port = resolve_port(
             settings.kafka.controller_port, settings.kafka.host, taken
         )
+    if "gateway" in wanted:
+        if "postgres" not in wanted:
+            raise StackError("the gateway needs postgres (its model catalog) in `services`")
+        if "kafka" not in wanted and settings.gateway.prediction_log == "kafka":
+            log.warning("kafka is not started: the gateway's prediction log discards records")
+            settings.gateway.prediction_log = "discard"
+        settings.gateway.port = resolve_port(settings.gateway.port, settings.gateway.host, taken)
+    if "async-worker" in wanted and not {"postgres", "kafka"} <= wanted:
+        raise StackError("async workers need postgres and kafka in `services`")
     ports = TritonPorts(
         host=host,
         http=resolve_port(settings.triton.http_port, host, taken),
@@ -131,6 +158,7 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
     models = render_repository(repo, settings, settings.triton.target)
 
     started: list[tuple[str, ManagedProcess]] = []
+    worker_ports: list[int] = []  # /metrics of each async worker
     try:
         started.append(
             ("redis", start_redis(state_dir / "redis", settings.redis.port, settings.redis.host))
@@ -183,6 +211,13 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
                 ),
             )
         )
+        if "gateway" in wanted:
+            started.append(("gateway", start_gateway(settings, f"{host}:{ports.grpc}")))
+        if "async-worker" in wanted:
+            for i in range(settings.gateway.async_predict.workers):
+                worker, metrics_port = start_worker(settings, f"{host}:{ports.grpc}", i)
+                started.append((worker_name(i), worker))
+                worker_ports.append(metrics_port)
     except BaseException:
         for name, proc in reversed(started):
             _stop(name, proc, settings)
@@ -204,6 +239,11 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
         host=host,
         postgres=svc("postgres", settings.postgres.port),
         kafka=svc("kafka", settings.kafka.port),
+        gateway=svc("gateway", settings.gateway.port),
+        async_workers=[
+            ServiceState(procs[worker_name(i)].pid, port, str(procs[worker_name(i)].log_path))
+            for i, port in enumerate(worker_ports)
+        ],
     )
     state.save(state_dir)
     return state
@@ -228,8 +268,10 @@ def down(settings: Settings) -> list[str]:
             _stop(name, proc, settings)
             stopped.append(name)
     (settings.state_dir / STATE_FILE).unlink(missing_ok=True)
-    for name in ("redis", "postgres", "kafka", "triton"):
+    for name in SERVICE_NAMES:
         (settings.state_dir / f"{name}.pid").unlink(missing_ok=True)
+    for pid_file in settings.state_dir.glob(f"{WORKER_PREFIX}-*.pid"):
+        pid_file.unlink(missing_ok=True)
     return stopped
 
 
@@ -271,7 +313,28 @@ def status(settings: Settings) -> dict[str, object]:
         out["postgres"] = _postgres_status(settings, state.host, state.postgres)
     if state.kafka is not None:
         out["kafka"] = _kafka_status(state.host, state.kafka)
+    if state.gateway is not None:
+        out["gateway"] = _gateway_status(state.host, state.gateway)
+    if state.async_workers:
+        out["async_workers"] = [
+            {
+                "pid": w.pid,
+                "alive": pid_alive(w.pid),
+                "metrics": f"http://{settings.gateway.async_predict.metrics_host}:{w.port}/metrics",
+            }
+            for w in state.async_workers
+        ]
     return out
+
+
+def _gateway_status(host: str, svc: ServiceState) -> dict[str, object]:
+    url = gateway_url(host, svc.port)
+    info: dict[str, object] = {"pid": svc.pid, "alive": pid_alive(svc.pid), "url": url}
+    try:
+        info["readyz"] = httpx.get(f"{url}/readyz", timeout=2.0).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        info["error"] = str(exc) or type(exc).__name__
+    return info
 
 
 def _postgres_status(settings: Settings, host: str, svc: ServiceState) -> dict[str, object]:

@@ -1,0 +1,81 @@
+"""The gateway as a stack service: ``python -m gateway`` with the stack's effective settings.
+
+Child processes (the gateway, async workers) get the *resolved* settings of ``stack up`` —
+free ports filled in — as one ``RTINFER_<SECTION>`` JSON variable per top-level section, so
+they see exactly what the stack started, whatever mix of files, env and code configured it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import SecretBytes, SecretStr
+
+from rtinfer.procs import ManagedProcess, spawn, wait_until
+from rtinfer.settings import REPO_ROOT, Settings
+
+ENV_PREFIX = "RTINFER_"
+
+
+def _plain(value: object) -> Any:
+    if isinstance(value, (SecretStr, SecretBytes)):
+        return value.get_secret_value()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's env) without ``RTINFER_*``, plus ``settings`` as JSON.
+
+    Secrets are written in clear: the variables only reach the child's environment.
+    """
+    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    env = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX)}
+    for name, value in settings.model_dump(mode="python").items():
+        if isinstance(value, (dict, list)):
+            text = json.dumps(value, default=_plain)  # complex fields are read as JSON
+        else:
+            text = str(_plain(value) if isinstance(value, (Path, SecretStr)) else value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = text
+    return env
+
+
+def gateway_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}"
+
+
+def start_gateway(
+    settings: Settings, triton_grpc_url: str, *, startup_timeout_s: float = 60.0
+) -> ManagedProcess:
+    """Start ``python -m gateway`` on ``settings.gateway.host:port``; wait for ``/readyz``.
+
+    ``settings`` must already hold the stack's resolved ports.
+    """
+    gw = settings.gateway.model_copy(update={"triton_grpc_url": triton_grpc_url})
+    settings = settings.model_copy(update={"gateway": gw})
+    log_dir = settings.state_dir / "gateway"
+    proc = spawn(
+        "gateway",
+        [sys.executable, "-m", "gateway"],
+        log_dir / "gateway.log",
+        env=settings_env(settings),
+        cwd=REPO_ROOT,
+    )
+    url = f"{gateway_url(gw.host, gw.port)}/readyz"
+
+    def ready() -> bool:
+        return httpx.get(url, timeout=2.0).status_code == 200
+
+    try:
+        wait_until(ready, startup_timeout_s, proc=proc, what=f"gateway {url}")
+    except BaseException:
+        proc.stop(timeout_s=10)
+        raise
+    return proc
