@@ -1,4 +1,4 @@
-"""``python -m gateway``: serve the gateway with uvicorn (uvloop, httptools) from settings."""
+"""``python -m gateway``: the gateway under uvicorn (httptools, ``gateway.loop``), from settings."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main() -> None:
         host=gw.host,
         port=gw.port,
         workers=gw.workers,
-        loop="uvloop",
+        loop=gw.loop,
         http="httptools",
         log_config=None,  # our JSON lines (configure_logging) for uvicorn too
         access_log=False,  # the prediction service writes one line per request

@@ -20,6 +20,10 @@ class GatewaySettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes.")
+    loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="Event loop of the workers (docs/benchmarks.md compares them).",
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1, description="Largest request body (413 above).")
     default_deadline_ms: int = Field(
         100, ge=1, le=10_000, description="Deadline of a prediction without deadline_ms."
@@ -31,6 +35,15 @@ class GatewaySettings(BaseModel):
         32, ge=1, description="Shadow calls running at once per worker; beyond: dropped, counted."
     )
     triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    triton_max_calls: int = Field(
+        4,
+        ge=1,
+        description="Calls in flight per Triton ensemble and worker; predictions arriving "
+        "while all are busy are coalesced into the next call (one multi-row request).",
+    )
+    triton_max_batch_rows: int = Field(
+        32, ge=1, le=64, description="Most rows per coalesced call (ensembles take 64)."
+    )
     triton_ready_timeout_s: float = Field(
         1.0, gt=0, description="Timeout of Triton readiness and repository-index calls."
     )
@@ -48,6 +61,13 @@ class GatewaySettings(BaseModel):
     )
     prediction_log: Literal["kafka", "discard"] = Field(
         "kafka", description="kafka: every prediction to Kafka, spooled to disk if it is down."
+    )
+    prediction_log_linger_ms: float = Field(
+        50.0,
+        ge=0,
+        le=1000,
+        description="How long the Kafka producer gathers records into one batch: fewer, larger "
+        "requests cost the broker a fraction of the CPU per record (docs/benchmarks.md).",
     )
     kafka_bootstrap: str | None = Field(
         None, description="Prediction-log brokers; default: the local stack's (settings.kafka)."

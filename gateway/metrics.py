@@ -57,6 +57,13 @@ class GatewayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
+        self.triton_batch_rows = Histogram(
+            "rtinfer_gateway_triton_batch_rows",
+            "Rows per Triton request after coalescing concurrent predictions, by endpoint.",
+            ["endpoint"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=reg,
+        )
         self.prediction_log_errors = Counter(
             "rtinfer_gateway_prediction_log_errors",
             "Prediction-log calls that raised (the record is lost).",

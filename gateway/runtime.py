@@ -77,7 +77,9 @@ def open_prediction_log(settings: Settings) -> PredictionLog:
     root = gw.spool_dir or settings.state_dir / "spool"
     for slot in range(MAX_SPOOL_SLOTS):
         try:
-            return KafkaPredictionLog(bootstrap, spool_dir=root / f"slot-{slot}")
+            return KafkaPredictionLog(
+                bootstrap, spool_dir=root / f"slot-{slot}", linger_ms=gw.prediction_log_linger_ms
+            )
         except SpoolLockedError:
             continue
     raise RuntimeError(f"all {MAX_SPOOL_SLOTS} prediction-log spool slots in {root} are in use")
@@ -139,7 +141,12 @@ async def open_serving_core(
         name="gateway",
         check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
     )
-    triton = TritonClient(gw.triton_grpc_url, metrics)
+    triton = TritonClient(
+        gw.triton_grpc_url,
+        metrics,
+        max_calls=gw.triton_max_calls,
+        max_batch_rows=gw.triton_max_batch_rows,
+    )
     catalog = Catalog(
         pool,
         refresh_s=gw.catalog_refresh_s,
