@@ -35,6 +35,13 @@ class GatewaySettings(BaseModel):
         32, ge=1, description="Shadow calls running at once per worker; beyond: dropped, counted."
     )
     triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port.")
+    max_in_flight: int = Field(
+        200,
+        ge=0,
+        description="Predictions waiting on Triton per worker beyond which new ones get the "
+        "fallback at once (degraded_reason gateway_overloaded:<type>; 503 without a "
+        "fallback); 0 = no bound.",
+    )
     triton_max_calls: int = Field(
         4,
         ge=1,

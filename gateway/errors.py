@@ -123,6 +123,14 @@ class UpstreamOverloaded(UpstreamUnavailable):
     reason = "triton_overloaded"
 
 
+class GatewayOverloaded(UpstreamUnavailable):
+    """This worker has ``max_in_flight`` predictions in progress: shed to the fallback at once
+    rather than queue behind them (and cancel them all at their deadlines)."""
+
+    code = "gateway_overloaded"
+    reason = "gateway_overloaded"
+
+
 class UpstreamError(UpstreamUnavailable):
     code = "upstream_error"
     reason = "triton_error"

@@ -171,6 +171,7 @@ async def open_serving_core(
             default_deadline_ms=default_deadline_ms or gw.default_deadline_ms,
             shadow_timeout_ms=gw.shadow_timeout_ms,
             shadow_max_in_flight=gw.shadow_max_in_flight,
+            max_in_flight=gw.max_in_flight,
         )
         yield ServingCore(pool, triton, catalog, service)
     finally:

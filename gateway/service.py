@@ -30,6 +30,7 @@ from gateway.deps import PredictionLog
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
+    GatewayOverloaded,
     ModelNotFound,
     UpstreamFailure,
     UpstreamUnavailable,
@@ -80,6 +81,7 @@ class PredictionService:
         default_deadline_ms: int,
         shadow_timeout_ms: int = 500,
         shadow_max_in_flight: int = 32,
+        max_in_flight: int = 0,
     ) -> None:
         self._catalog = catalog
         self._triton = triton
@@ -87,6 +89,8 @@ class PredictionService:
         self._health = health
         self._prediction_log = prediction_log
         self._default_deadline_ms = default_deadline_ms
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self._shadow = ShadowMirror(
             triton=triton,
             prediction_log=prediction_log,
@@ -129,7 +133,12 @@ class PredictionService:
             result: InferenceResult | None = None
             with stages("infer"):
                 try:
-                    result = await self._infer(deployment, request, request_id, deadline)
+                    self._admit()
+                    self._in_flight += 1
+                    try:
+                        result = await self._infer(deployment, request, request_id, deadline)
+                    finally:
+                        self._in_flight -= 1
                 except UpstreamFailure as exc:
                     failure = exc
             if result is not None:
@@ -161,6 +170,15 @@ class PredictionService:
         finally:
             for var, token in tokens:
                 var.reset(token)
+
+    def _admit(self) -> None:
+        """Shed load: past ``max_in_flight`` predictions waiting on Triton, the fallback
+        answers at once (the rest would only queue behind them and miss their deadlines)."""
+        if self._max_in_flight and self._in_flight >= self._max_in_flight:
+            raise GatewayOverloaded(
+                f"{self._in_flight} predictions in progress in this worker "
+                f"(max_in_flight {self._max_in_flight})"
+            )
 
     def _route(self, model_name: str, user_id: str) -> tuple[ModelEntry, Route]:
         if not self._catalog.loaded:

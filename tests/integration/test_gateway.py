@@ -637,3 +637,24 @@ async def test_default_prediction_log_writes_every_prediction_to_kafka(
     assert rec["model_name"] == "fraud_xgb" and rec["arm"] == "prod"
     assert len(rec["features"]) == 50 and rec["feature_hash"]
     assert set(rec["stage_latency_ms"]) >= {"route", "infer"}
+
+
+async def test_past_max_in_flight_the_fallback_answers_at_once(
+    running_stack: StackState, stack_settings: Settings, conninfo: str
+) -> None:
+    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings.gateway.max_in_flight = 2
+    async with serve(settings) as gw:
+        responses = await asyncio.gather(
+            *(gw.predict("fraud_xgb", {**BODY, "request_id": f"shed-{i}"}) for i in range(12))
+        )
+        metrics = (await gw.client.get("/metrics")).text
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    shed = [r for r in responses if r.json()["degraded"]]
+    served = [r for r in responses if not r.json()["degraded"]]
+    assert served and shed, "some predictions reach Triton, the rest are shed"
+    for r in shed:
+        assert r.json()["degraded_reason"] == "gateway_overloaded:class_prior"
+        assert r.json()["prediction"] == CLASS_PRIOR["score"]
+        assert r.headers["X-Prediction-Degraded"] == "true"
+    assert 'reason="gateway_overloaded:class_prior"' in metrics
