@@ -81,11 +81,13 @@ class TrainedModel:
     stats: TrainingStats
 
     @classmethod
-    def load(cls, repository: Path, name: str) -> TrainedModel:
+    def load(cls, repository: Path, name: str, version: int | None = None) -> TrainedModel:
+        """Version ``version`` of ``name`` (default: its newest version directory)."""
         model_dir = repository / name
         if not model_dir.is_dir():
             raise RenderError(f"model {name} not found in {repository}; run `rtinfer models build`")
-        version = latest_version(model_dir)
+        if version is None:
+            version = latest_version(model_dir)
         path = model_dir / str(version)
         try:
             return cls(
@@ -284,6 +286,37 @@ def _place_shell(version_dir: Path, shell: str | None) -> None:
         target.unlink(missing_ok=True)
         return
     shutil.copyfile(SHELLS_DIR / shell / "model.py", target)
+
+
+def place_scorer_shell(version_dir: Path, target: Target) -> None:
+    """Put the scorer's python-backend shell into ``version_dir`` (``cpu``), or remove it."""
+    _place_shell(version_dir, "onnx_runner" if target == "cpu" else None)
+
+
+def set_version_policy(config: mc.ModelConfig, versions: Iterable[int]) -> mc.ModelConfig:
+    """Make Triton serve exactly ``versions`` of ``config``'s model (sorted, no duplicates)."""
+    wanted = sorted(set(versions))
+    if not wanted or wanted[0] < 1:
+        raise RenderError(f"{config.name}: versions to serve must be >= 1, got {wanted}")
+    config.version_policy.specific.versions[:] = wanted
+    return config
+
+
+def render_scorer_versions(
+    repository: Path, name: str, versions: Iterable[int], settings: Settings, target: Target
+) -> mc.ModelConfig:
+    """Rewrite the config of scorer ``name`` so that Triton serves exactly ``versions``.
+
+    The newest listed version's artifacts define the config; the versions of one model share
+    its tensor interface (checked before a version is placed in the repository).
+    """
+    wanted = sorted(set(versions))
+    if not wanted:
+        raise RenderError(f"{name}: no version to serve")
+    config = scorer_config(TrainedModel.load(repository, name, wanted[-1]), settings, target)
+    set_version_policy(config, wanted)
+    write_config(repository / name, config)
+    return config
 
 
 def render_repository(repository: Path, settings: Settings, target: Target = "cpu") -> list[str]:
