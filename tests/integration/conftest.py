@@ -1,4 +1,7 @@
-"""Real redis-server + tritonserver on free loopback ports, started by the project's tooling."""
+"""The real local stack (Redis, Postgres, Kafka, MLflow, Triton, gateway) on free loopback ports.
+
+Started once per session by the project's own tooling (``rtinfer.stack.up``).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from rtinfer.client import FraudClient
 from rtinfer.settings import (
     FeatureSettings,
     KafkaSettings,
+    MlflowSettings,
     PostgresSettings,
     RedisSettings,
     Settings,
@@ -40,6 +44,7 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
         redis=RedisSettings(port=0),
         postgres=PostgresSettings(port=0),
         kafka=KafkaSettings(port=0, controller_port=0),
+        mlflow=MlflowSettings(port=0),
         gateway=GatewaySettings(port=0),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),

@@ -22,8 +22,13 @@ def test_status_reports_every_model_ready(
     assert set(triton["models"]) == set(running_stack.models)  # type: ignore[index]
     for name, svc in running_stack.services().items():
         assert (stack_settings.state_dir / f"{name}.pid").read_text().strip() == str(svc.pid)
-    assert {"redis", "postgres", "kafka", "triton", "gateway"} <= set(running_stack.services())
+    assert {"redis", "postgres", "kafka", "mlflow", "triton", "gateway"} <= set(
+        running_stack.services()
+    )
     assert status["gateway"]["readyz"]["ready"] is True  # type: ignore[index]
+    mlflow = status["mlflow"]
+    assert mlflow["alive"] and mlflow["healthy"], mlflow  # type: ignore[index]
+    assert mlflow["tracking_uri"] == running_stack.mlflow_uri  # type: ignore[index]
 
 
 def test_status_reports_catalog_and_topics(

@@ -16,12 +16,17 @@ from rtinfer import stack as stack_mod
 from rtinfer.apikeys import apikeys_app
 from rtinfer.client import CONTEXT_FEATURES, FraudClient
 from rtinfer.features import load_demo_features
+from rtinfer.procs import pid_alive
 from rtinfer.render import RenderError, render_repository
 from rtinfer.settings import Settings
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
-stack_app = typer.Typer(help="Start, stop and inspect the local Redis/Postgres/Kafka/Triton.")
-models_app = typer.Typer(help="Train the demo models and render the model repository.")
+stack_app = typer.Typer(
+    help="Start, stop and inspect the local Redis/Postgres/Kafka/MLflow/Triton/gateway."
+)
+models_app = typer.Typer(
+    help="Train the demo models, render the model repository, register versions in MLflow."
+)
 features_app = typer.Typer(help="Manage the online feature store.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
@@ -34,6 +39,12 @@ TargetOpt = Annotated[
     str, typer.Option("--target", help="cpu (python backend) or ngc (FIL/onnxruntime).")
 ]
 RepoOpt = Annotated[Path | None, typer.Option("--repository", help="Model repository path.")]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri", help="MLflow server to register in (default: the running stack's)."
+    ),
+]
 
 
 class _JsonFormatter(logging.Formatter):
@@ -76,8 +87,13 @@ def models_build(
     nn_framework: Annotated[
         str, typer.Option(help="Train fraud_nn with sklearn (default) or torch (optional).")
     ] = "sklearn",
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Generate the synthetic data, train fraud_xgb / fraud_nn / fraud_context_lr, render."""
+    """Train fraud_xgb / fraud_nn / fraud_context_lr, render, register them in MLflow.
+
+    The built versions are registered when ``--tracking-uri`` is given or the running stack
+    has an MLflow server.
+    """
     from rtinfer.demo.torch_mlp import TorchUnavailable
     from rtinfer.demo.train import build_demo_models
 
@@ -98,6 +114,47 @@ def models_build(
     models = render_repository(repo, settings, target)  # type: ignore[arg-type]
     typer.echo(f"built {', '.join(built)} in {time.monotonic() - started:.1f}s")
     typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
+    uri = tracking_uri or _stack_tracking_uri(settings)
+    if uri is None:
+        typer.echo("not registered: no MLflow server in the stack (or pass --tracking-uri)")
+        return
+    _register(uri, {name: [version_dir] for name, version_dir in built.items()})
+
+
+@models_app.command("register")
+def models_register(repository: RepoOpt = None, tracking_uri: TrackingOpt = None) -> None:
+    """Register every version of the demo models in MLflow (already registered: skipped)."""
+    from rtinfer.registry import version_dirs
+
+    settings = _settings()
+    repo = (repository or settings.triton.model_repository).resolve()
+    uri = tracking_uri or _stack_tracking_uri(settings)
+    if uri is None:
+        _fail("no MLflow server in the running stack; start it or pass --tracking-uri")
+    _register(uri, version_dirs(repo))  # type: ignore[arg-type]
+
+
+def _stack_tracking_uri(settings: Settings) -> str | None:
+    """The running stack's MLflow server, if it has a live one."""
+    state = stack_mod.StackState.load(settings.state_dir)
+    if state is None or state.mlflow is None or not pid_alive(state.mlflow.pid):
+        return None
+    return state.mlflow_uri
+
+
+def _register(tracking_uri: str, dirs: dict[str, list[Path]]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from rtinfer.registry import RegistryError, register_version
+
+    try:
+        for name, version_dirs in dirs.items():
+            for version_dir in version_dirs:
+                reg = register_version(tracking_uri, version_dir, name)
+                what = "registered" if reg.created else "already registered"
+                typer.echo(f"{what} {name} version {reg.version} ({version_dir}) in {tracking_uri}")
+    except (RegistryError, MlflowException) as exc:
+        _fail(str(exc))
 
 
 @models_app.command("render")
@@ -130,7 +187,7 @@ def features_load(
 def stack_up(
     features: Annotated[bool, typer.Option(help="Seed the demo features.")] = True,
 ) -> None:
-    """Start Redis, PostgreSQL, Kafka, Triton (every model READY) and the gateway (ready)."""
+    """Start Redis, PostgreSQL, Kafka, MLflow, Triton (every model READY) and the gateway."""
     settings = _settings()
     try:
         state = stack_mod.up(settings, load_features=features)
@@ -146,6 +203,8 @@ def stack_up(
         )
     if state.kafka_bootstrap is not None:
         typer.echo(f"kafka    {state.kafka_bootstrap}")
+    if state.mlflow_uri is not None:
+        typer.echo(f"mlflow   {state.mlflow_uri}  (model registry)")
     typer.echo(
         f"triton   http://{ports.http_url}  grpc {ports.grpc_url}  "
         f"metrics http://{ports.host}:{ports.metrics}/metrics"

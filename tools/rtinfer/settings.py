@@ -17,7 +17,7 @@ from gateway.config import GatewaySettings
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Target = Literal["cpu", "ngc"]
-Service = Literal["redis", "postgres", "kafka", "triton", "gateway", "async-worker"]
+Service = Literal["redis", "postgres", "kafka", "mlflow", "triton", "gateway", "async-worker"]
 
 
 class TritonSettings(BaseModel):
@@ -75,6 +75,15 @@ class KafkaSettings(BaseModel):
         return f"{self.host}:{self.port}"
 
 
+class MlflowSettings(BaseModel):
+    """The model registry: a private ``mlflow server`` (SQLite store, local artifacts)."""
+
+    host: str = Field("127.0.0.1", description="Address the MLflow server binds and clients dial.")
+    port: int = Field(5005, ge=0, le=65535, description="HTTP port (0 = free port).")
+    startup_timeout_s: float = Field(90.0, gt=0, description="Deadline for /health to answer.")
+    workers: int = Field(1, ge=1, description="Server worker processes (uvicorn).")
+
+
 class FeatureSettings(BaseModel):
     """Feature assembly inside Triton."""
 
@@ -130,6 +139,7 @@ class Settings(BaseSettings):
             "redis",
             "postgres",
             "kafka",
+            "mlflow",
             "triton",
             "gateway",
             "async-worker",
@@ -140,6 +150,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     features: FeatureSettings = Field(default_factory=FeatureSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)

@@ -1,10 +1,11 @@
-"""The local stack: private Redis, PostgreSQL, Kafka, Triton, the gateway and async workers.
+"""The local stack: private Redis, PostgreSQL, Kafka, MLflow, Triton, the gateway and workers.
 
 Start order is Redis (+ demo features), PostgreSQL (+ catalog migrations), Kafka (+ topics),
-Triton, then the gateway (which needs the catalog and Triton) and the async-prediction
-workers (``gateway.async_predict.workers`` processes); a failure stops whatever was
-already started. ``down`` stops in reverse order. What runs is tracked in
-``<state>/stack.json``.
+MLflow (the model registry), Triton, then the gateway (which needs the catalog and Triton)
+and the async-prediction workers (``gateway.async_predict.workers`` processes); a failure
+stops whatever was already started. MLflow takes longest to answer (nothing else needs it),
+so it is spawned first and waited for last. ``down`` stops in reverse order. What runs is tracked
+in ``<state>/stack.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rtinfer.features import load_demo_features
 from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
 from rtinfer.migrate import apply_migrations
+from rtinfer.mlflow_server import healthy, spawn_mlflow, tracking_uri, wait_mlflow
 from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
 #: every service ``up`` can start, in start order
-SERVICE_NAMES = ("redis", "postgres", "kafka", "triton", "gateway")
+SERVICE_NAMES = ("redis", "postgres", "kafka", "mlflow", "triton", "gateway")
 
 
 @dataclass
@@ -60,6 +62,7 @@ class StackState:
     host: str = "127.0.0.1"
     postgres: ServiceState | None = None
     kafka: ServiceState | None = None
+    mlflow: ServiceState | None = None
     gateway: ServiceState | None = None
     #: ``python -m gateway.worker`` processes; ``port`` is each one's /metrics port
     async_workers: list[ServiceState] = field(default_factory=list)
@@ -87,6 +90,7 @@ class StackState:
             "redis": self.redis,
             "postgres": self.postgres,
             "kafka": self.kafka,
+            "mlflow": self.mlflow,
             "triton": self.triton,
             "gateway": self.gateway,
         }
@@ -100,6 +104,11 @@ class StackState:
     @property
     def kafka_bootstrap(self) -> str | None:
         return f"{self.host}:{self.kafka.port}" if self.kafka is not None else None
+
+    @property
+    def mlflow_uri(self) -> str | None:
+        """Tracking (and registry) URI of the stack's MLflow server."""
+        return tracking_uri(self.host, self.mlflow.port) if self.mlflow is not None else None
 
     @classmethod
     def load(cls, state_dir: Path) -> StackState | None:
@@ -139,6 +148,8 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
         settings.kafka.controller_port = resolve_port(
             settings.kafka.controller_port, settings.kafka.host, taken
         )
+    if "mlflow" in wanted:
+        settings.mlflow.port = resolve_port(settings.mlflow.port, settings.mlflow.host, taken)
     if "gateway" in wanted:
         if "postgres" not in wanted:
             raise StackError("the gateway needs postgres (its model catalog) in `services`")
@@ -160,6 +171,14 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
     started: list[tuple[str, ManagedProcess]] = []
     worker_ports: list[int] = []  # /metrics of each async worker
     try:
+        if "mlflow" in wanted:  # slowest to start: spawn now, wait once the rest is up
+            mlflow = settings.mlflow
+            started.append(
+                (
+                    "mlflow",
+                    spawn_mlflow(state_dir / "mlflow", mlflow.port, mlflow.host, mlflow.workers),
+                )
+            )
         started.append(
             ("redis", start_redis(state_dir / "redis", settings.redis.port, settings.redis.host))
         )
@@ -218,6 +237,13 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
                 worker, metrics_port = start_worker(settings, f"{host}:{ports.grpc}", i)
                 started.append((worker_name(i), worker))
                 worker_ports.append(metrics_port)
+        if "mlflow" in wanted:  # nothing above needs it
+            wait_mlflow(
+                dict(started)["mlflow"],
+                settings.mlflow.port,
+                settings.mlflow.host,
+                settings.mlflow.startup_timeout_s,
+            )
     except BaseException:
         for name, proc in reversed(started):
             _stop(name, proc, settings)
@@ -239,6 +265,7 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
         host=host,
         postgres=svc("postgres", settings.postgres.port),
         kafka=svc("kafka", settings.kafka.port),
+        mlflow=svc("mlflow", settings.mlflow.port),
         gateway=svc("gateway", settings.gateway.port),
         async_workers=[
             ServiceState(procs[worker_name(i)].pid, port, str(procs[worker_name(i)].log_path))
@@ -313,6 +340,13 @@ def status(settings: Settings) -> dict[str, object]:
         out["postgres"] = _postgres_status(settings, state.host, state.postgres)
     if state.kafka is not None:
         out["kafka"] = _kafka_status(state.host, state.kafka)
+    if state.mlflow is not None:
+        out["mlflow"] = {
+            "pid": state.mlflow.pid,
+            "alive": pid_alive(state.mlflow.pid),
+            "healthy": healthy(state.mlflow_uri),  # type: ignore[arg-type]
+            "tracking_uri": state.mlflow_uri,
+        }
     if state.gateway is not None:
         out["gateway"] = _gateway_status(state.host, state.gateway)
     if state.async_workers:
