@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from rtinfer.kafka_server import kafka_libs, start_kafka
+from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, kafka_libs, start_kafka
 from rtinfer.procs import ManagedProcess, free_port
 
 HOST = "127.0.0.1"
@@ -46,3 +47,14 @@ class Broker:
     def ensure_running(self) -> None:
         if self.proc is None or not self.proc.alive():
             self.start()
+
+
+def running_broker_with_topics(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """Body of a module fixture: a private broker with the stack's topics, stopped after."""
+    broker = Broker.new(tmp_path_factory)
+    broker.start()
+    try:
+        ensure_topics(broker.bootstrap, DEFAULT_TOPICS)
+        yield broker
+    finally:
+        broker.stop()

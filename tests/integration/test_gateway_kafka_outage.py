@@ -12,11 +12,10 @@ import httpx
 import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from kafka_broker import Broker
+from kafka_broker import Broker, running_broker_with_topics
 from test_gateway import BODY, gateway_settings
 
 from gateway.app import create_app
-from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics
 from rtinfer.postgres_server import dsn
 from rtinfer.settings import Settings
 from rtinfer.stack import StackState
@@ -31,13 +30,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker.new(tmp_path_factory)  # private: stopping it must not disturb other tests
-    b.start()
-    try:
-        ensure_topics(b.bootstrap, DEFAULT_TOPICS)
-        yield b
-    finally:
-        b.stop()
+    # private: stopping it must not disturb other tests
+    yield from running_broker_with_topics(tmp_path_factory)
 
 
 def consume(bootstrap: str, prefix: str, want: int, timeout_s: float) -> Counter[str]:

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from kafka_broker import Broker
+from kafka_broker import Broker, running_broker_with_topics
 
 from gateway.prediction_log import KafkaPredictionLog
-from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -29,13 +28,7 @@ log = logging.getLogger(__name__)
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker.new(tmp_path_factory)
-    b.start()
-    try:
-        ensure_topics(b.bootstrap, DEFAULT_TOPICS)
-        yield b
-    finally:
-        b.stop()
+    yield from running_broker_with_topics(tmp_path_factory)
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import httpx
 import orjson
 import psycopg
 import pytest
+import test_gateway
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi import Request
 
@@ -42,13 +43,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@dataclass
-class RecordingLog:
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def log(self, record: Mapping[str, Any]) -> None:
-        self.records.append(dict(record))
-
+class RecordingLog(test_gateway.RecordingLog):
     def shadow(self, request_id: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r["arm"] == "shadow" and r["request_id"] == request_id]
 

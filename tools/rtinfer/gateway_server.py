@@ -36,8 +36,8 @@ def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> d
 
     Secrets are written in clear: the variables only reach the child's environment.
     """
-    env = {k: v for k, v in (os.environ if base is None else base).items()}
-    env = {k: v for k, v in env.items() if not k.startswith(ENV_PREFIX)}
+    source = os.environ if base is None else base
+    env = {k: v for k, v in source.items() if not k.startswith(ENV_PREFIX)}
     for name, value in settings.model_dump(mode="python").items():
         if isinstance(value, (dict, list)):
             text = json.dumps(value, default=_plain)  # complex fields are read as JSON
@@ -51,6 +51,32 @@ def gateway_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def spawn_settled(
+    name: str,
+    module: str,
+    settings: Settings,
+    log_path: Path,
+    ready_url: str,
+    *,
+    startup_timeout_s: float = 60.0,
+) -> ManagedProcess:
+    """``python -m <module>`` with ``settings`` in its environment, once ``ready_url`` answers
+    200; stopped again if it does not within ``startup_timeout_s``."""
+    proc = spawn(
+        name, [sys.executable, "-m", module], log_path, env=settings_env(settings), cwd=REPO_ROOT
+    )
+
+    def ready() -> bool:
+        return httpx.get(ready_url, timeout=2.0).status_code == 200
+
+    try:
+        wait_until(ready, startup_timeout_s, proc=proc, what=f"{name} {ready_url}")
+    except BaseException:
+        proc.stop(timeout_s=10)
+        raise
+    return proc
+
+
 def start_gateway(
     settings: Settings, triton_grpc_url: str, *, startup_timeout_s: float = 60.0
 ) -> ManagedProcess:
@@ -60,22 +86,11 @@ def start_gateway(
     """
     gw = settings.gateway.model_copy(update={"triton_grpc_url": triton_grpc_url})
     settings = settings.model_copy(update={"gateway": gw})
-    log_dir = settings.state_dir / "gateway"
-    proc = spawn(
+    return spawn_settled(
         "gateway",
-        [sys.executable, "-m", "gateway"],
-        log_dir / "gateway.log",
-        env=settings_env(settings),
-        cwd=REPO_ROOT,
+        "gateway",
+        settings,
+        settings.state_dir / "gateway" / "gateway.log",
+        f"{gateway_url(gw.host, gw.port)}/readyz",
+        startup_timeout_s=startup_timeout_s,
     )
-    url = f"{gateway_url(gw.host, gw.port)}/readyz"
-
-    def ready() -> bool:
-        return httpx.get(url, timeout=2.0).status_code == 200
-
-    try:
-        wait_until(ready, startup_timeout_s, proc=proc, what=f"gateway {url}")
-    except BaseException:
-        proc.stop(timeout_s=10)
-        raise
-    return proc

@@ -7,23 +7,15 @@ happens after its serving core is open and its Kafka consumer subscribed.
 
 from __future__ import annotations
 
-import sys
-import urllib.request
-
-from rtinfer.gateway_server import settings_env
-from rtinfer.procs import ManagedProcess, free_port, spawn, wait_until
-from rtinfer.settings import REPO_ROOT, Settings
+from rtinfer.gateway_server import spawn_settled
+from rtinfer.procs import ManagedProcess, free_port
+from rtinfer.settings import Settings
 
 WORKER_PREFIX = "async-worker"
 
 
 def worker_name(index: int) -> str:
     return f"{WORKER_PREFIX}-{index}"
-
-
-def metrics_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2.0) as answer:
-        return int(answer.status) == 200
 
 
 def start_worker(
@@ -50,17 +42,12 @@ def start_worker(
     )
     settings = settings.model_copy(update={"gateway": gw})
     name = worker_name(index)
-    proc = spawn(
+    proc = spawn_settled(
         name,
-        [sys.executable, "-m", "gateway.worker"],
+        "gateway.worker",
+        settings,
         settings.state_dir / "async-worker" / f"{name}.log",
-        env=settings_env(settings),
-        cwd=REPO_ROOT,
+        f"http://{host}:{port}/metrics",
+        startup_timeout_s=startup_timeout_s,
     )
-    url = f"http://{host}:{port}/metrics"
-    try:
-        wait_until(lambda: metrics_ok(url), startup_timeout_s, proc=proc, what=f"{name} {url}")
-    except BaseException:
-        proc.stop(timeout_s=10)
-        raise
     return proc, port
