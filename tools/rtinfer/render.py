@@ -14,9 +14,11 @@ Configs are built as ``ModelConfig`` protobufs, so a rendered file always parses
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,83 @@ PIPELINES = (
 )
 
 
+#: per scoring model: which versions Triton serves (written by the lifecycle's swap procedure)
+SERVING_FILE = "serving.json"
+#: suffix of a pipeline pinned to one scorer version: fraud_xgb_pipeline__v2
+PINNED_SEPARATOR = "__v"
+
+
+def pinned_name(name: str, version: int) -> str:
+    """Name of the copy of ``name`` (ensemble or postprocess) pinned to a scorer version."""
+    return f"{name}{PINNED_SEPARATOR}{version}"
+
+
+def own_pipeline(model: str) -> Pipeline:
+    """The pipeline that serves scoring model ``model`` alone (fraud_xgb -> fraud_xgb_pipeline)."""
+    for pipe in PIPELINES:
+        if pipe.scorers == (model,):
+            return pipe
+    raise RenderError(
+        f"{model} has no pipeline of its own; known: {[p.ensemble for p in PIPELINES]}"
+    )
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What Triton serves of one scoring model, kept in ``<repository>/<model>/serving.json``.
+
+    ``versions`` are loaded (the scorer's version policy); ``champion`` answers through the
+    unversioned names (``fraud_xgb_pipeline``, ``fraud_blend_pipeline``); each version in
+    ``pinned`` also has its own pipeline ``<model>_pipeline__v<N>``, which the catalog routes
+    to. Without the file the newest version directory is the champion, with no pinned pipeline.
+    """
+
+    champion: int
+    versions: tuple[int, ...]
+    pinned: tuple[int, ...] = ()
+
+    @classmethod
+    def load(cls, repository: Path, model: str) -> Serving:
+        path = repository / model / SERVING_FILE
+        if not path.is_file():
+            newest = latest_version(repository / model)
+            return cls(newest, (newest,))
+        try:
+            raw = json.loads(path.read_text())
+            serving = cls(
+                int(raw["champion"]),
+                tuple(sorted({int(v) for v in raw["versions"]})),
+                tuple(sorted({int(v) for v in raw.get("pinned", ())})),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RenderError(f"{path} is not a valid serving file: {exc}") from exc
+        if serving.champion not in serving.versions or not set(serving.pinned) <= set(
+            serving.versions
+        ):
+            raise RenderError(f"{path}: champion and pinned versions must be among versions")
+        return serving
+
+    def save(self, repository: Path, model: str) -> None:
+        """Write the file atomically (temp file, fsync, rename)."""
+        path = repository / model / SERVING_FILE
+        tmp = path.with_name(f".{SERVING_FILE}.tmp")
+        body = {
+            "champion": self.champion,
+            "versions": sorted(set(self.versions)),
+            "pinned": sorted(set(self.pinned)),
+        }
+        with tmp.open("w") as fh:
+            fh.write(json.dumps(body) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+
 def latest_version(model_dir: Path) -> int:
+    if not model_dir.is_dir():
+        raise RenderError(
+            f"model {model_dir.name} not found in {model_dir.parent}; run `rtinfer models build`"
+        )
     versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     if not versions:
         raise RenderError(
@@ -264,11 +342,95 @@ def postprocess_config(
     return config
 
 
-def ensemble_config(name: str, settings: Settings) -> mc.ModelConfig:
+def ensemble_config(
+    name: str,
+    settings: Settings,
+    pins: Mapping[str, int] | None = None,
+    rename: Mapping[str, str] | None = None,
+) -> mc.ModelConfig:
+    """Ensemble ``name`` from ``ensembles/``; ``pins`` fixes the version of named steps (else
+    Triton picks the newest loaded one); ``rename`` maps the ensemble and step model names."""
     path = ENSEMBLES_DIR / f"{name}.pbtxt"
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     config.max_batch_size = settings.batching.max_batch_size
+    names = dict(rename or {})
+    config.name = names.get(config.name, config.name)
+    for step in config.ensemble_scheduling.step:
+        if pins and step.model_name in pins:
+            step.model_version = pins[step.model_name]
+        step.model_name = names.get(step.model_name, step.model_name)
     return config
+
+
+def _fallback(repository: Path, settings: Settings) -> TrainedModel | None:
+    name = settings.postprocess.fallback_model
+    return TrainedModel.load(repository, name) if name else None
+
+
+def write_pinned_pipeline(
+    repository: Path, model: str, version: int, settings: Settings
+) -> tuple[str, str]:
+    """Write ``<model>_postprocess__v<N>`` and ``<model>_pipeline__v<N>``: the pipeline with the
+    scorer pinned to ``version`` and that version's decision threshold.
+
+    Returns (postprocess, ensemble) names, in load order.
+    """
+    pipe = own_pipeline(model)
+    trained = TrainedModel.load(repository, model, version)
+    post, ens = pinned_name(pipe.postprocess, version), pinned_name(pipe.ensemble, version)
+    fallback = _fallback(repository, settings)
+    write_config(repository / post, postprocess_config(post, [trained], fallback, settings))
+    _place_shell(repository / post / "1", "postprocess")
+    config = ensemble_config(
+        pipe.ensemble,
+        settings,
+        pins={model: version},
+        rename={pipe.ensemble: ens, pipe.postprocess: post},
+    )
+    write_config(repository / ens, config)
+    (repository / ens / "1").mkdir(parents=True, exist_ok=True)
+    return post, ens
+
+
+def remove_pinned_pipeline(repository: Path, model: str, version: int) -> None:
+    pipe = own_pipeline(model)
+    for name in (pinned_name(pipe.ensemble, version), pinned_name(pipe.postprocess, version)):
+        shutil.rmtree(repository / name, ignore_errors=True)
+
+
+def _champions(repository: Path) -> dict[str, TrainedModel]:
+    return {
+        name: TrainedModel.load(repository, name, Serving.load(repository, name).champion)
+        for name in SCORERS
+    }
+
+
+def write_pipelines(
+    repository: Path,
+    settings: Settings,
+    trained: Mapping[str, TrainedModel] | None = None,
+    only_with: str | None = None,
+) -> list[str]:
+    """Write the unversioned pipelines (postprocess + ensemble), their scorer steps pinned to
+    each scorer's champion; ``only_with``: just the pipelines using that scorer.
+
+    Returns the names written, in load order (postprocess before its ensemble).
+    """
+    champions = dict(trained) if trained is not None else _champions(repository)
+    fallback = _fallback(repository, settings)
+    names: list[str] = []
+    for pipe in PIPELINES:
+        if only_with is not None and only_with not in pipe.scorers:
+            continue
+        scorers = [champions[s] for s in pipe.scorers]
+        post_dir = repository / pipe.postprocess
+        write_config(post_dir, postprocess_config(pipe.postprocess, scorers, fallback, settings))
+        _place_shell(post_dir / "1", "postprocess")
+        pins = {s.name: s.version for s in scorers}
+        write_config(repository / pipe.ensemble, ensemble_config(pipe.ensemble, settings, pins))
+        (repository / pipe.ensemble / "1").mkdir(parents=True, exist_ok=True)
+        names += [pipe.postprocess, pipe.ensemble]
+    return names
 
 
 def write_config(model_dir: Path, config: mc.ModelConfig) -> None:
@@ -320,22 +482,34 @@ def render_scorer_versions(
 
 
 def render_repository(repository: Path, settings: Settings, target: Target = "cpu") -> list[str]:
-    """Write every config of ``repository``; return the model names Triton must load."""
-    trained = {name: TrainedModel.load(repository, name) for name in SCORERS}
+    """Write every config of ``repository``; return the model names Triton must load.
+
+    Each scorer serves the versions of its ``serving.json`` (default: the newest version
+    directory); the unversioned pipelines use its champion, and every pinned version gets its
+    own pipeline.
+    """
+    serving = {name: Serving.load(repository, name) for name in SCORERS}
+    for name, state in serving.items():  # from now on a dropped version is not the champion
+        if not (repository / name / SERVING_FILE).is_file():
+            state.save(repository, name)
+    trained = _champions(repository)
     spec = trained["fraud_xgb"].spec
     if trained["fraud_nn"].spec.names != spec.names:
         raise RenderError("fraud_xgb and fraud_nn must share one feature spec")
     if len(spec.indices("context")) != CONTEXT_DIM:
         raise RenderError(f"ensembles take {CONTEXT_DIM} context features")
     fallback_name = settings.postprocess.fallback_model
-    fallback = trained.get(fallback_name) if fallback_name else None
-    if fallback_name and fallback is None:
+    if fallback_name and fallback_name not in trained:
         raise RenderError(f"fallback model {fallback_name!r} is not a trained model")
 
     models: list[str] = []
     for name, model in trained.items():
-        write_config(repository / name, scorer_config(model, settings, target))
-        _place_shell(model.path, "onnx_runner" if target == "cpu" else None)
+        config = set_version_policy(scorer_config(model, settings, target), serving[name].versions)
+        write_config(repository / name, config)
+        for version in serving[name].versions:
+            _place_shell(
+                repository / name / str(version), "onnx_runner" if target == "cpu" else None
+            )
         models.append(name)
 
     assembler_dir = repository / "feature_assembler"
@@ -349,14 +523,9 @@ def render_repository(repository: Path, settings: Settings, target: Target = "cp
     _place_shell(repository / "fraud_blend" / "1", "blend")
     models.append("fraud_blend")
 
-    for pipe in PIPELINES:
-        scorers = [trained[s] for s in pipe.scorers]
-        post_dir = repository / pipe.postprocess
-        write_config(post_dir, postprocess_config(pipe.postprocess, scorers, fallback, settings))
-        _place_shell(post_dir / "1", "postprocess")
-        models.append(pipe.postprocess)
-        write_config(repository / pipe.ensemble, ensemble_config(pipe.ensemble, settings))
-        (repository / pipe.ensemble / "1").mkdir(parents=True, exist_ok=True)
-        models.append(pipe.ensemble)
+    models += write_pipelines(repository, settings, trained)
+    for name, state in serving.items():
+        for version in state.pinned:
+            models += write_pinned_pipeline(repository, name, version, settings)
     log.info("rendered %d models for target %s into %s", len(models), target, repository)
     return models
