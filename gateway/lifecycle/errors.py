@@ -45,3 +45,21 @@ class SmokeTestFailed(LifecycleError):
     """A loaded version answered wrongly or too slowly on its golden examples."""
 
     status, code = 422, "smoke_test_failed"
+
+
+class UnknownModel(LifecycleError):
+    """The model is not one the lifecycle manages (settings.lifecycle.managed_models)."""
+
+    status, code = 404, "model_not_managed"
+
+
+class NothingToDo(LifecycleError):
+    """The action has nothing to act on (no canary to promote, no earlier version to restore)."""
+
+    status, code = 409, "nothing_to_do"
+
+
+class CatalogUpdateFailed(LifecycleError):
+    """The catalog transaction of a swap failed; nothing was switched."""
+
+    status, code = 503, "catalog_update_failed"

@@ -88,3 +88,23 @@ def _check(
             f"{expected[i]:.6g} (tolerance {tolerance:g})"
         )
     return float(diffs[i])
+
+
+async def smoke_pipeline(
+    repo: TritonRepository, ensemble: str, class_names: list[str] | tuple[str, ...], rows: int = 4
+) -> None:
+    """Send a few rows through the whole pipeline ``ensemble``; raise unless each answers with
+    a probability in [0, 1] and one of ``class_names`` (entities need not exist: missing
+    features are imputed)."""
+    context = np.zeros((rows, 10), dtype=np.float32)
+    users = [f"smoke-user-{i}" for i in range(rows)]
+    merchants = [f"smoke-merchant-{i}" for i in range(rows)]
+    try:
+        prediction, labels = await repo.infer_pipeline(ensemble, users, merchants, context)
+    except LifecycleError as exc:
+        raise SmokeTestFailed(f"{ensemble}: inference failed: {exc.message}") from None
+    if prediction.shape != (rows,) or not np.all((prediction >= 0) & (prediction <= 1)):
+        raise SmokeTestFailed(f"{ensemble}: predictions {prediction.tolist()} not in [0, 1]")
+    unknown = sorted(set(labels) - set(class_names))
+    if unknown:
+        raise SmokeTestFailed(f"{ensemble}: labels {unknown} not among {list(class_names)}")

@@ -206,6 +206,37 @@ class TritonRepository:
             raise self._error(exc, f"{model} version {version}") from None
         return np.asarray(result.as_numpy(output_name))
 
+    async def infer_pipeline(
+        self, ensemble: str, user_ids: list[str], merchant_ids: list[str], context: np.ndarray
+    ) -> tuple[np.ndarray, list[str]]:
+        """Score rows through a pipeline ensemble; returns (prediction, label) per row."""
+        rows = len(user_ids)
+        inputs = [
+            grpcclient.InferInput("user_id", [rows, 1], "BYTES"),
+            grpcclient.InferInput("merchant_id", [rows, 1], "BYTES"),
+            grpcclient.InferInput("context", list(context.shape), "FP32"),
+        ]
+        inputs[0].set_data_from_numpy(np.asarray(user_ids, dtype=object).reshape(rows, 1))
+        inputs[1].set_data_from_numpy(np.asarray(merchant_ids, dtype=object).reshape(rows, 1))
+        inputs[2].set_data_from_numpy(np.ascontiguousarray(context, dtype=np.float32))
+        try:
+            result = await self._client.infer(
+                ensemble,
+                inputs,
+                outputs=[
+                    grpcclient.InferRequestedOutput("prediction"),
+                    grpcclient.InferRequestedOutput("label"),
+                ],
+                client_timeout=self.call_timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise self._error(exc, ensemble) from None
+        labels = [
+            v.decode() if isinstance(v, bytes) else str(v)
+            for v in np.asarray(result.as_numpy("label")).reshape(-1)
+        ]
+        return np.asarray(result.as_numpy("prediction")).reshape(-1), labels
+
     def _error(
         self, exc: InferenceServerException, what: str, loading: bool = False
     ) -> LifecycleError:

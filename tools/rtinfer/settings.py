@@ -13,11 +13,14 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.config import GatewaySettings
+from gateway.lifecycle.config import LifecycleSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Target = Literal["cpu", "ngc"]
-Service = Literal["redis", "postgres", "kafka", "mlflow", "triton", "gateway", "async-worker"]
+Service = Literal[
+    "redis", "postgres", "kafka", "mlflow", "triton", "gateway", "async-worker", "deployer"
+]
 
 
 class TritonSettings(BaseModel):
@@ -143,6 +146,7 @@ class Settings(BaseSettings):
             "triton",
             "gateway",
             "async-worker",
+            "deployer",
         ],
         description="What `stack up` starts (redis and triton are always started).",
     )
@@ -155,3 +159,4 @@ class Settings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
