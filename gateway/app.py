@@ -1,15 +1,17 @@
 """The FastAPI app factory: wiring of settings, clients and routes; no import-time state.
 
-``lifespan`` opens the Triton gRPC client, the Postgres pool and the catalog listener, and
-closes them in reverse order. Everything the routes need is on ``app.state.gateway``.
+``lifespan`` opens the Triton gRPC client, the Postgres pool, the catalog listener and the
+model deployer (unless one is injected), and closes them in reverse order. Everything the
+routes need is on ``app.state.gateway``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from psycopg_pool import AsyncConnectionPool
@@ -21,14 +23,18 @@ from gateway.deps import GatewayDeps
 from gateway.errors import GatewayError, install_error_handler
 from gateway.health import HealthTracker
 from gateway.ingress import IngressMiddleware
+from gateway.lifecycle_admin import build_lifecycle_router
 from gateway.metrics import GatewayMetrics
 from gateway.responses import OrjsonResponse
 from gateway.routes import build_router
-from gateway.runtime import catalog_conninfo, open_serving_core
+from gateway.runtime import catalog_conninfo, open_deployer, open_serving_core
 from gateway.security import ApiKeyGuard
 from gateway.service import PredictionService
 from gateway.triton_client import TritonClient
 from rtinfer.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.lifecycle.deployer import Deployer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ class Runtime:
     service: PredictionService
     health: HealthTracker
     metrics: GatewayMetrics
+    #: runs the lifecycle admin routes
+    deployer: Deployer
 
 
 def rate_limit_redis_url(settings: Settings) -> str:
@@ -86,9 +94,24 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
         try:
             if guard is not None:
                 await guard.open()
-            async with open_serving_core(settings, metrics, health, deps.prediction_log) as core:
+            async with (
+                open_serving_core(settings, metrics, health, deps.prediction_log) as core,
+                AsyncExitStack() as owned,
+            ):
+                deployer = deps.deployer
+                if deployer is None:
+                    deployer = await owned.enter_async_context(
+                        open_deployer(settings, registry=metrics.registry)
+                    )
                 app.state.gateway = Runtime(
-                    gw, core.triton, core.pool, core.catalog, core.service, health, metrics
+                    gw,
+                    core.triton,
+                    core.pool,
+                    core.catalog,
+                    core.service,
+                    health,
+                    metrics,
+                    deployer,
                 )
                 await async_door.open()
                 app.state.async_predict = async_door
@@ -112,5 +135,6 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     install_error_handler(app, count_error)
     app.add_middleware(IngressMiddleware, max_body_bytes=gw.max_body_bytes, on_error=count_error)
     app.include_router(build_router(metrics, authenticate))
+    app.include_router(build_lifecycle_router(metrics, authenticate))
     app.include_router(build_async_router(metrics, authenticate))
     return app

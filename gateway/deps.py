@@ -1,12 +1,16 @@
-"""What the app factory takes from outside: the prediction log and the authentication hook."""
+"""What the app factory takes from outside: the prediction log, the authentication hook and
+the model deployer."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import Request
+
+if TYPE_CHECKING:
+    from gateway.lifecycle.deployer import Deployer
 
 
 class PredictionLog(Protocol):
@@ -53,3 +57,6 @@ class GatewayDeps:
     prediction_log: PredictionLog | None = None
     #: no authentication when absent
     authenticate: Authenticate | None = None
+    #: runs the lifecycle admin routes; built from the settings when absent
+    #: (``gateway.runtime.open_deployer``)
+    deployer: Deployer | None = None

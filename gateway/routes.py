@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,9 +11,11 @@ from starlette.responses import Response
 
 from gateway import shadow_admin
 from gateway.catalog import Deployment, ModelEntry
-from gateway.deps import Authenticate, is_admin
-from gateway.errors import AdminRequired, GatewayError, ModelNotFound, UpstreamUnavailable
+from gateway.deps import Authenticate
+from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
+from gateway.guards import actor_of, admin_guard, auth_guard
 from gateway.ingress import RECEIVED_AT
+from gateway.lifecycle_admin import lifecycle_history
 from gateway.metrics import GatewayMetrics
 from gateway.responses import OrjsonResponse
 from gateway.schemas import (
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: where the routes leave the authenticated principal (``None`` without authentication)
-PRINCIPAL = "principal"
-
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
@@ -58,28 +56,8 @@ def _runtime(request: Request) -> Runtime:
 def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
     router = APIRouter()
     guarded: list[Any] = []
-
-    async def auth(request: Request) -> object:
-        """The authenticated principal; ``None`` when no authentication is configured."""
-        if authenticate is None:
-            return None
-        started = time.perf_counter()
-        try:
-            principal = await authenticate(request)
-        finally:
-            metrics.stage_seconds.labels("auth").observe(time.perf_counter() - started)
-        setattr(request.state, PRINCIPAL, principal)
-        return principal
-
-    async def admin(request: Request) -> None:
-        """Catalog writes: any caller without authentication, else an admin key (403)."""
-        principal = await auth(request)
-        if authenticate is not None and not is_admin(principal):
-            key_id = getattr(principal, "key_id", None)
-            raise AdminRequired(
-                "changing shadow deployments requires an admin API key"
-                + (f"; key {key_id} is not an admin" if key_id else "")
-            )
+    auth = auth_guard(metrics, authenticate)
+    admin = admin_guard(metrics, authenticate, "changing shadow deployments")
 
     if authenticate is not None:
         guarded = [Depends(auth)]
@@ -132,10 +110,16 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
         response_model=ModelInfo,
         responses=_errors(401, 404, 429, 503),
         dependencies=guarded,
-        summary="One model's active deployments",
+        summary="One model's active deployments and its latest lifecycle events",
+        description="history: the last 10 lifecycle events of a model the deployer manages "
+        "(deploys, failed deploys with their step and error, promotions, rollbacks), newest "
+        "first; null when the model is not managed or the history cannot be read.",
     )
     async def get_model(model_name: str, request: Request) -> ModelInfo:
-        return _model_info(_entry(_runtime(request), model_name))
+        rt = _runtime(request)
+        info = _model_info(_entry(rt, model_name))
+        info.history = await lifecycle_history(rt, model_name)
+        return info
 
     @router.post(
         "/models/{model_name}/shadow",
@@ -158,7 +142,7 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
         await shadow_admin.check_endpoint_ready(
             rt.triton, body.serving_endpoint, rt.settings.triton_ready_timeout_s
         )
-        shadow = await shadow_admin.register_shadow(rt.pool, model_name, body, _actor(request))
+        shadow = await shadow_admin.register_shadow(rt.pool, model_name, body, actor_of(request))
         await _reload(rt)
         return _shadow_info(shadow)
 
@@ -180,7 +164,7 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
     ) -> ShadowRemoval:
         rt = _runtime(request)
         removed = await shadow_admin.remove_shadows(
-            rt.pool, model_name, model_version, _actor(request)
+            rt.pool, model_name, model_version, actor_of(request)
         )
         await _reload(rt)
         return ShadowRemoval(model_name=model_name, removed=[_shadow_info(d) for d in removed])
@@ -232,12 +216,6 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
         return Response(metrics.render(), media_type=metrics.content_type)
 
     return router
-
-
-def _actor(request: Request) -> str | None:
-    """Who made a catalog change, for its history row: the API key id, if any."""
-    key_id = getattr(getattr(request.state, PRINCIPAL, None), "key_id", None)
-    return str(key_id) if key_id is not None else None
 
 
 async def _reload(rt: Runtime) -> None:

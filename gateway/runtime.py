@@ -13,7 +13,9 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.catalog import Catalog
@@ -28,6 +30,9 @@ from gateway.triton_client import TritonClient
 from rtinfer.client import CONTEXT_FEATURES
 from rtinfer.postgres_server import dsn
 from rtinfer.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.lifecycle.deployer import Deployer
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +188,53 @@ async def open_serving_core(
         if owned_log and isinstance(prediction_log, KafkaPredictionLog):
             # deliver what is queued; the rest goes to the spool, nothing is lost
             await asyncio.to_thread(prediction_log.close, 10.0)
+
+
+@asynccontextmanager
+async def open_deployer(
+    settings: Settings,
+    *,
+    wait_s: float | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AsyncIterator[Deployer]:
+    """A model deployer over its own Postgres pool (the catalog database) and Triton's
+    repository API at ``gateway.triton_grpc_url``; closed with its pool and client.
+
+    ``wait_s``: wait that long for the first connection (raises ``PoolTimeout``); by default
+    the pool connects in the background. ``registry``: where its metrics are registered.
+    """
+    # imported here: the async worker uses this module and needs none of the lifecycle
+    from gateway.lifecycle.deployer import Deployer
+    from gateway.lifecycle.metrics import LifecycleMetrics
+    from gateway.lifecycle.triton_repo import TritonRepository
+
+    gw = settings.gateway
+    pool = AsyncConnectionPool(
+        catalog_conninfo(settings),
+        min_size=1,
+        # a change in progress holds its model's advisory lock on one connection through the
+        # drain; history and catalog reads need their own
+        max_size=2 * len(settings.lifecycle.managed_models) + 2,
+        open=False,
+        timeout=gw.postgres_connect_timeout_s,
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
+        },
+        name="deployer",
+        check=AsyncConnectionPool.check_connection,
+    )
+    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=settings.lifecycle.load_timeout_s)
+    deployer: Deployer | None = None
+    try:
+        if wait_s is None:
+            await pool.open(wait=False)
+        else:
+            await pool.open(wait=True, timeout=wait_s)
+        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
+        yield deployer
+    finally:
+        if deployer is not None:
+            await deployer.close()
+        await pool.close()
+        await triton.close()

@@ -6,7 +6,7 @@ import math
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -190,9 +190,32 @@ class DeploymentInfo(BaseModel):
     deployed_at: datetime
 
 
+class LifecycleEvent(BaseModel):
+    """One row of a model's deployment history."""
+
+    id: int
+    deployment_id: int | None
+    model_name: str
+    action: str = Field(
+        description="e.g. deploy_started, promoted, canary, shadow, deploy_failed, retired, "
+        "unloaded, rolled_back."
+    )
+    detail: dict[str, Any] = Field(
+        description="What the step recorded: version, trigger, actor; for deploy_failed the "
+        "failed step and its error."
+    )
+    at: datetime
+
+
 class ModelInfo(BaseModel):
     model_name: str
     deployments: list[DeploymentInfo]
+    history: list[LifecycleEvent] | None = Field(
+        None,
+        description="GET /models/{model_name} only: the model's last 10 lifecycle events, "
+        "newest first; null when the model is not managed by the deployer or its history "
+        "cannot be read.",
+    )
 
 
 class ModelList(BaseModel):
@@ -292,3 +315,49 @@ class ShadowRequest(_Strict):
 class ShadowRemoval(BaseModel):
     model_name: str
     removed: list[DeploymentInfo] = Field(description="The deactivated shadow deployments.")
+
+
+#: a Triton model version number
+ModelVersionNumber = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+
+class PromoteRequest(_Strict):
+    """Which version becomes the champion; without one, the active canary does."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"version": 2}, {}]})
+
+    version: ModelVersionNumber | None = Field(
+        None,
+        description="Version in the model repository to serve all traffic; default: the "
+        "model's active canary.",
+    )
+
+
+class CanaryRequest(_Strict):
+    """A version to serve a share of the model's traffic next to the champion."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"version": 2, "traffic_pct": 10}]})
+
+    version: ModelVersionNumber = Field(description="Version in the model repository.")
+    traffic_pct: float = Field(
+        gt=0.0, lt=100.0, allow_inf_nan=False, description="Share of traffic the canary gets."
+    )
+
+
+class DeployOutcome(BaseModel):
+    """What a lifecycle action changed."""
+
+    model: str
+    version: int
+    action: str = Field(
+        description="promoted, canary, shadow, rolled_back, or unchanged when the version "
+        "already served in that role."
+    )
+    deployment_id: int | None
+    previous_version: str | None = Field(description="Version that served before.")
+    drain_until: float | None = Field(
+        description="Unix time after which the replaced version is unloaded."
+    )
+    timings_ms: dict[str, float] = Field(
+        description="Duration of each step: materialize, load, smoke, catalog."
+    )
