@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import json
 import logging
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import redis
 import typer
@@ -20,12 +23,18 @@ from rtinfer.procs import pid_alive
 from rtinfer.render import RenderError, render_repository
 from rtinfer.settings import Settings
 
+if TYPE_CHECKING:
+    from gateway.lifecycle.deployer import Deployer
+
+T = TypeVar("T")
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 stack_app = typer.Typer(
     help="Start, stop and inspect the local Redis/Postgres/Kafka/MLflow/Triton/gateway."
 )
 models_app = typer.Typer(
-    help="Train the demo models, render the model repository, register versions in MLflow."
+    help="Train the demo models, render the model repository, register versions in MLflow; "
+    "deploy, promote, canary and roll back versions on the running stack."
 )
 features_app = typer.Typer(help="Manage the online feature store.")
 app.add_typer(stack_app, name="stack")
@@ -74,7 +83,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
@@ -167,6 +176,147 @@ def models_render(target: TargetOpt = "cpu", repository: RepoOpt = None) -> None
     except RenderError as exc:
         _fail(str(exc))
     typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
+
+
+def _stack_settings(state: stack_mod.StackState) -> Settings:
+    """The settings with the running stack's resolved ports, repository and target."""
+    settings = _settings().model_copy(deep=True)
+    if state.postgres is not None:
+        settings.postgres.port = state.postgres.port
+    settings.gateway.triton_grpc_url = state.triton_ports.grpc_url
+    settings.triton.model_repository = Path(state.model_repository)
+    settings.triton.target = state.target  # type: ignore[assignment]
+    return settings
+
+
+def _run_deployer(action: Callable[[Deployer], Awaitable[T]], *, settle: bool = True) -> T:
+    """Run ``action`` with a deployer on the running stack (its catalog and Triton); then,
+    with ``settle``, wait until the replaced versions are drained and unloaded."""
+    from psycopg import OperationalError
+    from psycopg_pool import PoolTimeout
+
+    from gateway.lifecycle.errors import LifecycleError
+    from gateway.runtime import open_deployer
+
+    try:
+        state = stack_mod.require_running(_settings())
+    except stack_mod.StackError as exc:
+        _fail(str(exc))
+    if state.postgres is None:
+        _fail("the running stack has no postgres, which holds the model catalog")
+    settings = _stack_settings(state)
+
+    async def run() -> T:
+        wait_s = settings.gateway.postgres_connect_timeout_s
+        async with open_deployer(settings, wait_s=wait_s) as deployer:
+            result = await action(deployer)
+            if settle:
+                drain_until = getattr(result, "drain_until", None)
+                if drain_until is not None:
+                    typer.echo(
+                        f"waiting for the drain; the replaced version is unloaded at "
+                        f"{time.strftime('%H:%M:%S', time.localtime(drain_until))}",
+                        err=True,
+                    )
+                await deployer.wait_settled()
+            return result
+
+    try:
+        return asyncio.run(run())
+    except LifecycleError as exc:
+        _fail(f"{exc.code}: {exc.message}")
+    except (OperationalError, PoolTimeout) as exc:
+        _fail(f"the model catalog database is unavailable: {str(exc).strip()}")
+
+
+def _cli_actor() -> str | None:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid
+        return None
+
+
+ModelArg = Annotated[str, typer.Argument(help="Managed model, e.g. fraud_xgb.")]
+
+
+@models_app.command("deploy")
+def models_deploy(
+    model: ModelArg,
+    version: Annotated[int, typer.Option("--version", help="Version number to serve.")],
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--source",
+            help="Candidate directory to place as the version (default: the version directory "
+            "already in the model repository).",
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="promote, canary or shadow.")] = "promote",
+    traffic_pct: Annotated[
+        float | None,
+        typer.Option("--traffic-pct", help="Canary share, or shadow sample percentage."),
+    ] = None,
+) -> None:
+    """Validate, load, smoke-test and switch to a model version; wait for the drain."""
+    from gateway.lifecycle.deployer import DeployRequest
+
+    if mode not in ("promote", "canary", "shadow"):
+        _fail(f"--mode must be promote, canary or shadow, not {mode!r}")
+    request = DeployRequest(
+        model,
+        version,
+        mode,  # type: ignore[arg-type]
+        source=source.resolve() if source is not None else None,
+        traffic_pct=traffic_pct,
+        trigger="cli",
+        actor=_cli_actor(),
+    )
+    _echo_json(_run_deployer(lambda d: d.deploy(request)).as_dict())
+
+
+@models_app.command("promote")
+def models_promote(
+    model: ModelArg,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", help="Version to serve all traffic (default: the canary)."),
+    ] = None,
+) -> None:
+    """Make a version (default: the active canary) the champion; wait for the drain."""
+    outcome = _run_deployer(lambda d: d.promote(model, version, trigger="cli", actor=_cli_actor()))
+    _echo_json(outcome.as_dict())
+
+
+@models_app.command("canary")
+def models_canary(
+    model: ModelArg,
+    version: Annotated[int, typer.Option("--version", help="Version to serve as canary.")],
+    traffic_pct: Annotated[
+        float, typer.Option("--traffic-pct", help="Share of traffic, 0 < P < 100.")
+    ],
+) -> None:
+    """Serve a version to a share of the traffic beside the champion."""
+    outcome = _run_deployer(
+        lambda d: d.canary(model, version, traffic_pct, trigger="cli", actor=_cli_actor())
+    )
+    _echo_json(outcome.as_dict())
+
+
+@models_app.command("rollback")
+def models_rollback(model: ModelArg) -> None:
+    """End the model's canary or shadow, else return to its previous champion."""
+    outcome = _run_deployer(lambda d: d.rollback(model, trigger="cli", actor=_cli_actor()))
+    _echo_json(outcome.as_dict())
+
+
+@models_app.command("history")
+def models_history(
+    model: ModelArg,
+    limit: Annotated[int, typer.Option(min=1, help="Entries to show, newest first.")] = 20,
+) -> None:
+    """The model's lifecycle history: deploys, failures with their step, rollbacks."""
+    entries = _run_deployer(lambda d: d.history(model, limit), settle=False)
+    _echo_json([e.as_dict() for e in entries])
 
 
 @features_app.command("load")
