@@ -6,6 +6,7 @@ Started once per session by the project's own tooling (``rtinfer.stack.up``).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from gateway.config import GatewaySettings
+from gateway.lifecycle.config import LifecycleSettings
 from rtinfer import stack
 from rtinfer.client import FraudClient
 from rtinfer.settings import (
@@ -46,6 +48,7 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
         kafka=KafkaSettings(port=0, controller_port=0),
         mlflow=MlflowSettings(port=0),
         gateway=GatewaySettings(port=0),
+        lifecycle=LifecycleSettings(deployer_port=0),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),
     )
@@ -85,3 +88,29 @@ def clients(running_stack: stack.StackState) -> Iterator[dict[str, FraudClient]]
 @pytest.fixture()
 def client(clients: dict[str, FraudClient], protocol: str) -> FraudClient:
     return clients[protocol]
+
+
+@pytest.fixture(scope="session")
+def lifecycle_settings(built_repository: Path) -> Iterator[Settings]:
+    """A second stack whose model versions the lifecycle tests swap, promote and roll back
+    (Redis, Postgres, MLflow, Triton on its own copy of the repository), so the session stack
+    keeps serving version 1 to every other test."""
+    with tempfile.TemporaryDirectory(prefix="rtinfer-lifecycle-") as state_dir:
+        os.chmod(state_dir, 0o755)
+        repository = Path(state_dir) / "model_repository"
+        shutil.copytree(built_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
+        base = _settings(Path(state_dir) / "state", repository)
+        yield base.model_copy(
+            update={
+                "services": ["redis", "postgres", "mlflow", "triton"],
+                "lifecycle": LifecycleSettings(drain_s=1.0, watch_settle_s=1.0, deployer_port=0),
+            }
+        )
+
+
+@pytest.fixture(scope="session")
+def lifecycle_stack(lifecycle_settings: Settings) -> Iterator[stack.StackState]:
+    lifecycle_settings.state_dir.mkdir(mode=0o755, exist_ok=True)
+    state = stack.up(lifecycle_settings)
+    yield state
+    stack.down(lifecycle_settings)
