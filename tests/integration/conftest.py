@@ -48,7 +48,8 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
         kafka=KafkaSettings(port=0, controller_port=0),
         mlflow=MlflowSettings(port=0),
         gateway=GatewaySettings(port=0),
-        lifecycle=LifecycleSettings(deployer_port=0),
+        # no repository watcher: test_lifecycle places version directories by hand
+        lifecycle=LifecycleSettings(deployer_port=0, watch=False),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),
     )

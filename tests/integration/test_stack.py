@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import time
+import uuid
 
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from gateway.lifecycle.mlflow_hooks import (
+    DELIVERY_ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+)
 from rtinfer import stack
 from rtinfer.settings import Settings
 
@@ -51,3 +63,65 @@ def test_second_stack_up_is_refused(
 ) -> None:
     with pytest.raises(stack.StackError, match="already running"):
         stack.up(stack_settings)
+
+
+def test_deployer_runs_and_mlflow_delivers_signed_events_to_it(
+    running_stack: stack.StackState, stack_settings: Settings
+) -> None:
+    assert running_stack.deployer is not None and running_stack.mlflow_uri is not None
+    deployer = stack.status(stack_settings)["deployer"]
+    assert deployer["alive"] and deployer["readyz"]["status"] == "ready", deployer  # type: ignore[index]
+    client = MlflowClient(running_stack.mlflow_uri, running_stack.mlflow_uri)
+    url = f"http://{stack_settings.lifecycle.deployer_host}:{running_stack.deployer.port}"
+    (hook,) = [h for h in client.list_webhooks() if h.url == f"{url}/hooks/mlflow"]
+    assert {str(e) for e in hook.events} >= {
+        "model_version.created",
+        "model_version_alias.created",
+        "model_version_alias.deleted",
+    }
+    # MLflow signs its example delivery with the webhook's secret: the deployer accepts it
+    result = client.test_webhook(hook.webhook_id, "model_version.created")
+    assert (result.success, result.response_status) == (True, 202), result
+    metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    assert 'rtinfer_deployer_webhook_deliveries_total{outcome="accepted"}' in metrics
+
+
+def test_deployer_refuses_forged_and_stale_deliveries_and_dedupes_by_delivery_id(
+    running_stack: stack.StackState, stack_settings: Settings
+) -> None:
+    assert running_stack.deployer is not None
+    url = (
+        f"http://{stack_settings.lifecycle.deployer_host}:{running_stack.deployer.port}"
+        "/hooks/mlflow"
+    )
+    secret = stack_settings.lifecycle.webhook_secret.get_secret_value()
+    # an alias event of a model the lifecycle does not manage: accepted, deploys nothing
+    body = json.dumps(
+        {
+            "entity": "model_version_alias",
+            "action": "created",
+            "timestamp": "2026-11-23T00:00:00Z",
+            "data": {"name": "not_managed", "alias": "champion", "version": "1"},
+        }
+    ).encode()
+
+    def post(delivery: str, timestamp: int, signature: str) -> httpx.Response:
+        headers = {
+            DELIVERY_ID_HEADER: delivery,
+            TIMESTAMP_HEADER: str(timestamp),
+            SIGNATURE_HEADER: signature,
+            "Content-Type": "application/json",
+        }
+        return httpx.post(url, content=body, headers=headers, timeout=10)
+
+    now = int(time.time())
+    delivery = str(uuid.uuid4())
+    forged = post(delivery, now, sign("not-the-secret", delivery, str(now), body))
+    assert forged.status_code == 401 and forged.json()["error"]["code"] == "webhook_rejected"
+    stale_at = now - int(stack_settings.lifecycle.webhook_max_skew_s) - 60
+    stale = post(delivery, stale_at, sign(secret, delivery, str(stale_at), body))
+    assert stale.status_code == 401, stale.text
+    first = post(delivery, now, sign(secret, delivery, str(now), body))
+    assert first.status_code in (200, 202), first.text
+    again = post(delivery, now, sign(secret, delivery, str(now), body))
+    assert again.status_code == 200 and again.json()["status"] == "duplicate", again.text

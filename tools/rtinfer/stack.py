@@ -1,11 +1,13 @@
-"""The local stack: private Redis, PostgreSQL, Kafka, MLflow, Triton, the gateway and workers.
+"""The local stack: private Redis, PostgreSQL, Kafka, MLflow, Triton, the gateway, the
+deployer and workers.
 
 Start order is Redis (+ demo features), PostgreSQL (+ catalog migrations), Kafka (+ topics),
-MLflow (the model registry), Triton, then the gateway (which needs the catalog and Triton)
-and the async-prediction workers (``gateway.async_predict.workers`` processes); a failure
-stops whatever was already started. MLflow takes longest to answer (nothing else needs it),
-so it is spawned first and waited for last. ``down`` stops in reverse order. What runs is tracked
-in ``<state>/stack.json``.
+MLflow (the model registry), Triton, then the gateway (which needs the catalog and Triton) and
+the async-prediction workers (``gateway.async_predict.workers`` processes); a failure stops
+whatever was already started. MLflow takes longest to answer (nothing above needs it), so it
+is spawned first and waited for last; then the deployer (catalog, Triton and MLflow) starts
+and MLflow's registry webhook is pointed at it. ``down`` stops in reverse order. What runs is
+tracked in ``<state>/stack.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from rtinfer.deployer_process import register_webhook, start_deployer
 from rtinfer.features import load_demo_features
 from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
 #: every service ``up`` can start, in start order
-SERVICE_NAMES = ("redis", "postgres", "kafka", "mlflow", "triton", "gateway")
+SERVICE_NAMES = ("redis", "postgres", "kafka", "mlflow", "triton", "gateway", "deployer")
 
 
 @dataclass
@@ -64,6 +67,8 @@ class StackState:
     kafka: ServiceState | None = None
     mlflow: ServiceState | None = None
     gateway: ServiceState | None = None
+    #: ``python -m gateway.lifecycle``: MLflow webhook receiver, reconcile loop, watcher
+    deployer: ServiceState | None = None
     #: ``python -m gateway.worker`` processes; ``port`` is each one's /metrics port
     async_workers: list[ServiceState] = field(default_factory=list)
     extra: dict[str, object] = field(default_factory=dict)
@@ -93,6 +98,7 @@ class StackState:
             "mlflow": self.mlflow,
             "triton": self.triton,
             "gateway": self.gateway,
+            "deployer": self.deployer,
         }
         out.update({worker_name(i): svc for i, svc in enumerate(self.async_workers)})
         return {name: svc for name, svc in out.items() if svc is not None}
@@ -157,6 +163,13 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
             log.warning("kafka is not started: the gateway's prediction log discards records")
             settings.gateway.prediction_log = "discard"
         settings.gateway.port = resolve_port(settings.gateway.port, settings.gateway.host, taken)
+    if "deployer" in wanted:
+        if "postgres" not in wanted:
+            raise StackError("the deployer needs postgres (its model catalog) in `services`")
+        if "mlflow" not in wanted:
+            log.warning("mlflow is not started: the deployer's registry reconcile will fail")
+        lc = settings.lifecycle
+        lc.deployer_port = resolve_port(lc.deployer_port, lc.deployer_host, taken)
     if "async-worker" in wanted and not {"postgres", "kafka"} <= wanted:
         raise StackError("async workers need postgres and kafka in `services`")
     ports = TritonPorts(
@@ -244,6 +257,10 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
                 settings.mlflow.host,
                 settings.mlflow.startup_timeout_s,
             )
+        if "deployer" in wanted:  # reconciles with MLflow from its start: after MLflow is up
+            started.append(("deployer", start_deployer(settings, f"{host}:{ports.grpc}")))
+            if "mlflow" in wanted:
+                register_webhook(settings, tracking_uri(settings.mlflow.host, settings.mlflow.port))
     except BaseException:
         for name, proc in reversed(started):
             _stop(name, proc, settings)
@@ -267,6 +284,7 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
         kafka=svc("kafka", settings.kafka.port),
         mlflow=svc("mlflow", settings.mlflow.port),
         gateway=svc("gateway", settings.gateway.port),
+        deployer=svc("deployer", settings.lifecycle.deployer_port),
         async_workers=[
             ServiceState(procs[worker_name(i)].pid, port, str(procs[worker_name(i)].log_path))
             for i, port in enumerate(worker_ports)
@@ -349,6 +367,8 @@ def status(settings: Settings) -> dict[str, object]:
         }
     if state.gateway is not None:
         out["gateway"] = _gateway_status(state.host, state.gateway)
+    if state.deployer is not None:
+        out["deployer"] = _gateway_status(settings.lifecycle.deployer_host, state.deployer)
     if state.async_workers:
         out["async_workers"] = [
             {

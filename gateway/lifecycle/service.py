@@ -1,0 +1,259 @@
+"""The deployer service: MLflow webhook receiver, registry reconcile loop, version watcher.
+
+``create_deployer_app`` builds the FastAPI app around an existing deployer and registry sync;
+its lifespan starts the reconcile loop (and the watcher, when given) and stops them.
+``open_deployer`` opens what the app runs on (Postgres pool, Triton repository client,
+deployer, sync) and closes it; ``python -m gateway.lifecycle`` serves the two together.
+
+``POST /hooks/mlflow`` verifies the delivery (401 when unsigned, forged or stale), records its
+delivery id (200 ``duplicate`` for one seen before) and answers 202 at once; the deploy runs
+in the background. ``/livez``, ``/readyz`` (Postgres reachable, loop started) and
+``/metrics`` as the gateway has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import APIRouter, FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from psycopg_pool import AsyncConnectionPool
+from starlette.responses import Response
+
+from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
+from gateway.lifecycle.config import LifecycleSettings
+from gateway.lifecycle.deployer import Deployer
+from gateway.lifecycle.metrics import LifecycleMetrics
+from gateway.lifecycle.mlflow_hooks import parse_event, verify_delivery
+from gateway.lifecycle.mlflow_registry import MlflowRegistry
+from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
+from gateway.lifecycle.sync_store import SyncStore
+from gateway.lifecycle.triton_repo import TritonRepository
+from gateway.responses import OrjsonResponse
+from gateway.runtime import catalog_conninfo
+from rtinfer.mlflow_server import tracking_uri
+from rtinfer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: MLflow's registry payloads are small; anything larger is not one
+MAX_WEBHOOK_BODY_BYTES = 256 * 1024
+DEFAULT_SECRET = LifecycleSettings.model_fields["webhook_secret"].default.get_secret_value()
+#: how long shutdown waits for drains and unloads in progress
+SHUTDOWN_SETTLE_S = 10.0
+
+
+class Watcher(Protocol):
+    """``gateway.lifecycle.watcher.VersionWatcher``."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DeployerRuntime:
+    """Everything the deployer service runs on, opened together by ``open_deployer``."""
+
+    pool: AsyncConnectionPool
+    deployer: Deployer
+    sync: RegistrySync
+    metrics_registry: CollectorRegistry
+    watcher: Watcher | None
+
+
+def load_watcher(settings: Settings, deployer: Deployer) -> Watcher:
+    """The repository watcher; a missing ``watcher`` module is a deployment error."""
+    try:
+        from gateway.lifecycle.watcher import VersionWatcher
+    except ModuleNotFoundError as exc:
+        if exc.name != "gateway.lifecycle.watcher":
+            raise
+        raise RuntimeError(
+            "lifecycle.watch is on but gateway/lifecycle/watcher.py is not installed; "
+            "install it or set RTINFER_LIFECYCLE__WATCH=false"
+        ) from exc
+    return VersionWatcher(settings, deployer)  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
+    """Postgres pool, Triton repository client, deployer, registry sync (and watcher)."""
+    lc, gw = settings.lifecycle, settings.gateway
+    pool = AsyncConnectionPool(
+        catalog_conninfo(settings),
+        min_size=1,
+        # the deployer holds a connection per model through a deploy (its advisory lock)
+        max_size=max(gw.postgres_pool_size, 2 * len(lc.managed_models) + 2),
+        open=False,
+        timeout=gw.postgres_connect_timeout_s,
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
+        },
+        name="deployer",
+        check=AsyncConnectionPool.check_connection,
+    )
+    await pool.open(wait=True, timeout=gw.postgres_connect_timeout_s * 3)
+    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=lc.load_timeout_s)
+    try:
+        registry = CollectorRegistry()
+        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
+        try:
+            sync = RegistrySync(
+                lc,
+                deployer,
+                SyncStore(pool),
+                MlflowRegistry(tracking_uri(settings.mlflow.host, settings.mlflow.port)),
+                SyncMetrics(registry),
+            )
+            watcher = load_watcher(settings, deployer) if lc.watch else None
+            yield DeployerRuntime(pool, deployer, sync, registry, watcher)
+        finally:
+            await deployer.close()
+    finally:
+        await triton.close()
+        await pool.close()
+
+
+def _router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post(
+        "/hooks/mlflow",
+        status_code=202,
+        summary="MLflow model registry webhook: 202 accepted, 200 duplicate/ignored, 401",
+    )
+    async def mlflow_hook(request: Request) -> Response:
+        state: _State = request.app.state.rollout
+        metrics = state.sync.metrics
+        body = await request.body()
+        try:
+            if len(body) > MAX_WEBHOOK_BODY_BYTES:
+                raise PayloadTooLarge(f"webhook body over {MAX_WEBHOOK_BODY_BYTES} bytes")
+            delivery_id = verify_delivery(
+                state.secret,
+                request.headers,
+                body,
+                now=time.time(),
+                max_skew_s=state.settings.lifecycle.webhook_max_skew_s,
+            )
+            event = parse_event(delivery_id, body)
+        except GatewayError as exc:
+            metrics.deliveries.labels("rejected" if exc.status == 401 else "invalid").inc()
+            raise
+        answer: dict[str, Any] = {"delivery_id": delivery_id, "event": event.event}
+        if not await state.sync.store.record_delivery(event):
+            metrics.deliveries.labels("duplicate").inc()
+            return OrjsonResponse({"status": "duplicate", **answer}, status_code=200)
+        if not event.acted_on:
+            metrics.deliveries.labels("ignored").inc()
+            return OrjsonResponse({"status": "ignored", **answer}, status_code=200)
+        state.sync.submit(event)
+        metrics.deliveries.labels("accepted").inc()
+        log.info(
+            "accepted MLflow delivery %s: %s %s version %s alias %s",
+            delivery_id,
+            event.event,
+            event.model,
+            event.version,
+            event.alias,
+        )
+        return OrjsonResponse({"status": "accepted", **answer}, status_code=202)
+
+    @router.get("/livez", summary="The process is up")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="200 once the reconcile loop runs and Postgres answers")
+    async def readyz(request: Request) -> Response:
+        state: _State = request.app.state.rollout
+        checks: dict[str, str] = {"sync": "started" if state.started else "not started"}
+        try:
+            await state.sync.store.ping()
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = str(exc) or type(exc).__name__
+        ready = state.started and checks["postgres"] == "ok"
+        return OrjsonResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @router.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        state: _State = request.app.state.rollout
+        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+@dataclass
+class _State:
+    settings: Settings
+    secret: str
+    sync: RegistrySync
+    registry: CollectorRegistry
+    started: bool = False
+
+
+def create_deployer_app(
+    settings: Settings,
+    deployer: Deployer,
+    sync: RegistrySync,
+    *,
+    metrics_registry: CollectorRegistry,
+    watcher: Watcher | None = None,
+) -> FastAPI:
+    """The deployer service app over ``deployer`` and ``sync`` (which uses ``deployer``).
+
+    The lifespan starts the reconcile loop and ``watcher`` and stops them, waiting for
+    webhook work in progress; it does not close ``deployer`` (``open_deployer`` does).
+    """
+    secret = settings.lifecycle.webhook_secret.get_secret_value()
+    if not secret:
+        raise ValueError(
+            "lifecycle.webhook_secret is empty: unsigned deliveries cannot be told apart"
+        )
+    if secret == DEFAULT_SECRET:
+        log.warning("lifecycle.webhook_secret is the built-in local default; set your own")
+    state = _State(settings, secret, sync, metrics_registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sync.start()
+        try:
+            if watcher is not None:
+                await watcher.start()
+            try:
+                state.started = True
+                yield
+            finally:
+                state.started = False
+                if watcher is not None:
+                    await watcher.close()
+        finally:
+            await sync.close()
+            try:  # drains/unloads started by this process: bounded, the stack stops us
+                await deployer.wait_settled(timeout_s=SHUTDOWN_SETTLE_S)
+            except TimeoutError:
+                log.warning(
+                    "deploys still draining after %.0fs; stopping anyway", SHUTDOWN_SETTLE_S
+                )
+
+    app = FastAPI(
+        title="rtinfer deployer",
+        version="0.1.0",
+        summary="Rolls MLflow model versions out to Triton and the catalog.",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    app.state.rollout = state
+    install_error_handler(app)
+    app.include_router(_router())
+    return app

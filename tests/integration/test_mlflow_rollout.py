@@ -1,0 +1,207 @@
+"""MLflow rollout end to end on the lifecycle stack: versions registered in the real MLflow
+server reach Triton and the catalog through the deployer service, by signed webhook
+(MLflow -> ``POST /hooks/mlflow``) and by the reconcile loop, each state exactly once.
+
+Works on ``fraud_nn`` (the swap tests use ``fraud_xgb``); MLflow version numbers are Triton's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from mlflow import MlflowClient
+from prometheus_client import CollectorRegistry
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.config import GatewaySettings
+from gateway.lifecycle.artifacts import copy_artifacts
+from gateway.lifecycle.deployer import Deployer
+from gateway.lifecycle.mlflow_registry import MlflowRegistry, ensure_webhook
+from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
+from gateway.lifecycle.service import create_deployer_app
+from gateway.lifecycle.sync_store import SyncStore
+from gateway.lifecycle.triton_repo import TritonRepository
+from python_backend.feature_spec import METADATA_FILE, ModelMetadata
+from rtinfer.postgres_server import dsn
+from rtinfer.procs import free_port
+from rtinfer.registry import register_version
+from rtinfer.settings import Settings
+from rtinfer.stack import StackState
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]
+
+MODEL = "fraud_nn"
+
+
+@pytest.fixture()
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass
+class Rollout:
+    settings: Settings
+    pool: AsyncConnectionPool
+    sync: RegistrySync
+    mlflow: MlflowClient
+    tracking_uri: str
+    hook_url: str
+    server: uvicorn.Server
+    serving: asyncio.Task[None]
+
+    async def register(self, tmp: Path, training_version: int) -> str:
+        """Register a copy of the repository's version 1 as a new MLflow version."""
+        repo = self.settings.triton.model_repository
+        candidate = copy_artifacts(repo / MODEL / "1", tmp / f"candidate-{training_version}")
+        if training_version != 1:  # different content -> a new registered version
+            meta = ModelMetadata.load(candidate / METADATA_FILE)
+            meta.version = training_version
+            meta.save(candidate / METADATA_FILE)
+        reg = await asyncio.to_thread(register_version, self.tracking_uri, candidate, MODEL)
+        return reg.version
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql, args)
+            return await cur.fetchall()
+
+    async def applied(self, kind: str, version: int, timeout_s: float = 120.0) -> tuple[str, str]:
+        """Outcome and trigger of a registry state, once it is no longer pending."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = await self.rows(
+                "SELECT outcome, trigger FROM registry_applied WHERE model_name = %s AND kind = %s "
+                "AND model_version = %s ORDER BY id DESC LIMIT 1",
+                MODEL,
+                kind,
+                version,
+            )
+            if found and found[0][0] != "pending":
+                return str(found[0][0]), str(found[0][1])
+            assert time.monotonic() < deadline, f"{kind} {version} not applied: {found}"
+            await asyncio.sleep(0.2)
+
+    async def champion(self) -> str:
+        found = await self.rows(
+            "SELECT model_version FROM model_deployments WHERE model_name = %s AND is_active "
+            "AND NOT is_shadow AND traffic_pct = 100",
+            MODEL,
+        )
+        assert len(found) == 1, found
+        return str(found[0][0])
+
+    async def deploys_started(self, version: int) -> int:
+        found = await self.rows(
+            "SELECT count(*) FROM model_deployment_history WHERE model_name = %s "
+            "AND action = 'deploy_started' AND detail->>'version' = %s",
+            MODEL,
+            str(version),
+        )
+        return int(found[0][0])
+
+
+@pytest.fixture()
+async def rollout(
+    lifecycle_stack: StackState, lifecycle_settings: Settings
+) -> AsyncIterator[Rollout]:
+    assert lifecycle_stack.postgres is not None and lifecycle_stack.mlflow_uri is not None
+    conninfo = dsn(lifecycle_settings.state_dir / "postgres", lifecycle_stack.postgres.port)
+    port = free_port()
+    settings = lifecycle_settings.model_copy(
+        update={
+            "gateway": GatewaySettings(
+                triton_grpc_url=lifecycle_stack.triton_ports.grpc_url,
+                postgres_dsn=conninfo.conninfo,
+            ),
+            "lifecycle": lifecycle_settings.lifecycle.model_copy(
+                update={
+                    "managed_models": (MODEL,),
+                    "reconcile_interval_s": 3600.0,  # the test calls reconcile itself
+                    "deployer_port": port,
+                }
+            ),
+        }
+    )
+    pool = AsyncConnectionPool(
+        conninfo.conninfo, min_size=1, max_size=6, open=False, kwargs={"autocommit": True}
+    )
+    await pool.open()
+    triton = TritonRepository(lifecycle_stack.triton_ports.grpc_url)
+    deployer = Deployer(settings, pool=pool, triton=triton)
+    registry = CollectorRegistry()
+    sync = RegistrySync(
+        settings.lifecycle,
+        deployer,
+        SyncStore(pool),
+        MlflowRegistry(lifecycle_stack.mlflow_uri),
+        SyncMetrics(registry),
+    )
+    app = create_deployer_app(settings, deployer, sync, metrics_registry=registry)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not serving.done(), "the deployer app did not start"
+            await asyncio.sleep(0.05)
+        hook_url = f"http://127.0.0.1:{port}/hooks/mlflow"
+        secret = settings.lifecycle.webhook_secret.get_secret_value()
+        await asyncio.to_thread(ensure_webhook, lifecycle_stack.mlflow_uri, hook_url, secret)
+        client = MlflowClient(lifecycle_stack.mlflow_uri, lifecycle_stack.mlflow_uri)
+        yield Rollout(
+            settings, pool, sync, client, lifecycle_stack.mlflow_uri, hook_url, server, serving
+        )
+        await deployer.wait_settled(60)
+    finally:
+        server.should_exit = True
+        await serving
+        await deployer.close()
+        await triton.close()
+        await pool.close()
+
+
+async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
+    rollout: Rollout, tmp_path: Path
+) -> None:
+    # the webhook is registered once, whatever the number of calls
+    again = await asyncio.to_thread(
+        ensure_webhook, rollout.tracking_uri, rollout.hook_url, "rtinfer-local-webhook-secret"
+    )
+    hooks = [h for h in rollout.mlflow.list_webhooks() if h.url == rollout.hook_url]
+    assert [h.webhook_id for h in hooks] == [again]
+
+    # 1. two new versions: MLflow's signed deliveries promote the newest
+    assert await rollout.register(tmp_path, 1) == "1"
+    assert await rollout.register(tmp_path, 2) == "2"
+    assert await rollout.applied("created", 2) == ("promoted", "mlflow-webhook")
+    assert await rollout.champion() == "2"
+    deliveries = await rollout.rows(
+        "SELECT event, model_version FROM mlflow_webhook_deliveries WHERE model_name = %s",
+        MODEL,
+    )
+    assert ("model_version.created", 2) in deliveries
+
+    # 2. the champion alias moved back to version 1 (a rollback decided in the registry)
+    await asyncio.to_thread(rollout.mlflow.set_registered_model_alias, MODEL, "champion", "1")
+    assert await rollout.applied("alias:champion", 1) == ("promoted", "mlflow-webhook")
+    assert await rollout.champion() == "1"
+
+    # 3. a version registered while the webhook receiver is down is found by reconcile
+    rollout.server.should_exit = True
+    await asyncio.wait_for(rollout.serving, 60)
+    assert await rollout.register(tmp_path, 3) == "3"
+    await rollout.sync.reconcile()
+    assert await rollout.applied("created", 3) == ("promoted", "mlflow-reconcile")
+    assert await rollout.champion() == "3"
+
+    # every state was applied once: nothing left to do, one deploy per version and alias
+    assert await rollout.sync.reconcile() == []
+    assert [await rollout.deploys_started(v) for v in (2, 3)] == [1, 1]
