@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 
 from gateway.auth import create_api_key
 from gateway.lifecycle.artifacts import copy_artifacts
@@ -45,7 +46,7 @@ from gateway.lifecycle.triton_repo import TritonRepository
 from rtinfer import stack as stack_mod
 from rtinfer.loadloop import LoadLoop, Sample, Summary, first_answer, flips_back
 from rtinfer.postgres_server import dsn
-from rtinfer.registry import register_version
+from rtinfer.registry import register_repository, register_version
 from rtinfer.render import Serving
 from rtinfer.settings import REPO_ROOT, Settings
 
@@ -97,6 +98,8 @@ async def run(args: argparse.Namespace, settings: Settings, state: stack_mod.Sta
     conninfo = dsn(settings.state_dir / "postgres", state.postgres.port).conninfo
     _, token = create_api_key(conninfo, f"swap-bench-{int(time.time())}")
     repository = settings.triton.model_repository
+    # the served versions are MLflow's version 1, as after `rtinfer models register`
+    await asyncio.to_thread(register_repository, state.mlflow_uri, repository)
     triton = TritonRepository(state.triton_ports.grpc_url)
     swaps: list[dict[str, Any]] = []
     windows: list[tuple[float, float]] = []
@@ -118,10 +121,12 @@ async def run(args: argparse.Namespace, settings: Settings, state: stack_mod.Sta
         for i in range(args.swaps):
             old = Serving.load(repository, MODEL).champion
             source = candidate(repository, work, i)
-            t0 = time.monotonic()
+            t0, t0_wall = time.monotonic(), time.time()
             registered = await asyncio.to_thread(register_version, state.mlflow_uri, source, MODEL)
             t_registered = time.monotonic()
             version = str(registered.version)
+            if version == str(old):
+                raise RuntimeError(f"MLflow registered the candidate as the served version {old}")
 
             async def served(version: str = version) -> bool:
                 return first_answer(load.samples, version) is not None
@@ -136,6 +141,7 @@ async def run(args: argparse.Namespace, settings: Settings, state: stack_mod.Sta
             await wait_for(retired, args.timeout_s + args.drain_s, f"version {old} unloaded")
             t1 = time.monotonic()
             windows.append((t0, t1))
+            steps = await asyncio.to_thread(history_steps, conninfo, version, t0_wall)
             during = load.between(t0, t1)
             swaps.append(
                 {
@@ -144,6 +150,7 @@ async def run(args: argparse.Namespace, settings: Settings, state: stack_mod.Sta
                     "register_call_s": round(t_registered - t0, 2),
                     "registration_to_serving_s": round(first.finished - t0, 2),
                     "registration_to_unloaded_s": round(t1 - t0, 2),
+                    **steps,
                     "load_during_swap": asdict(Summary.of(during)),
                     "answers_from_old_after_first_new": len(
                         flips_back(load.samples, str(old), version)
@@ -168,6 +175,26 @@ async def run(args: argparse.Namespace, settings: Settings, state: stack_mod.Sta
     }
 
 
+def history_steps(conninfo: str, version: str, t0_wall: float) -> dict[str, Any]:
+    """When the deployer started and switched ``version`` (seconds after registration), and
+    its step timings, from the catalog history."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT action, extract(epoch FROM at), detail FROM model_deployment_history "
+            "WHERE model_name = %s AND detail->>'version' = %s ORDER BY id",
+            (MODEL, version),
+        ).fetchall()
+    out: dict[str, Any] = {}
+    for action, at, detail in rows:
+        if action == "deploy_started":
+            out["registration_to_deploy_started_s"] = round(float(at) - t0_wall, 2)
+            out["trigger"] = detail.get("trigger")
+        elif action in ("promoted", "deploy_failed"):
+            out[f"registration_to_{action}_s"] = round(float(at) - t0_wall, 2)
+            out["swap_steps_ms"] = detail.get("timings_ms")
+    return out
+
+
 def _reasons(samples: list[Sample]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for s in samples:
@@ -189,15 +216,18 @@ def summary_md(results: dict[str, Any], args: argparse.Namespace) -> str:
         )
     rows += [
         "",
-        "| swap | registration -> serving s | -> old unloaded s | p99 ms during | "
+        "| swap | trigger | register call s | -> deploy started s | -> catalog switched s | "
+        "-> first answer s | -> old unloaded s | swap steps ms | p99 ms during | "
         "old answers after first new |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in results["swaps"]:
         rows.append(
-            f"| {s['replaced']} -> {s['version']} | {s['registration_to_serving_s']} | "
-            f"{s['registration_to_unloaded_s']} | {s['load_during_swap']['p99_ms']} | "
-            f"{s['answers_from_old_after_first_new']} |"
+            f"| {s['replaced']} -> {s['version']} | {s.get('trigger')} | "
+            f"{s['register_call_s']} | {s.get('registration_to_deploy_started_s')} | "
+            f"{s.get('registration_to_promoted_s')} | {s['registration_to_serving_s']} | "
+            f"{s['registration_to_unloaded_s']} | {s.get('swap_steps_ms')} | "
+            f"{s['load_during_swap']['p99_ms']} | {s['answers_from_old_after_first_new']} |"
         )
     rows.append("")
     rows.append(f"degraded reasons: {results['degraded_reasons'] or 'none'}")

@@ -352,7 +352,12 @@ class Deployer:
 
             step, started = "catalog", time.perf_counter()
             endpoint = pinned_name(own_pipeline(model).ensemble, version)
-            detail = {**base, "previous_version": previous, "endpoint": endpoint}
+            detail = {
+                **base,
+                "previous_version": previous,
+                "endpoint": endpoint,
+                "timings_ms": dict(timings),
+            }
             try:
                 if req.mode == "promote":
                     action = "rolled_back" if "rollback_from" in req.detail else "promoted"
