@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
+from gateway.app import create_app
 from gateway.config import GatewaySettings
+from gateway.deps import GatewayDeps
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.deployer import Deployer
 from gateway.lifecycle.mlflow_registry import MlflowRegistry, ensure_webhook
@@ -29,6 +33,7 @@ from gateway.lifecycle.service import create_deployer_app
 from gateway.lifecycle.sync_store import SyncStore
 from gateway.lifecycle.triton_repo import TritonRepository
 from python_backend.feature_spec import METADATA_FILE, ModelMetadata
+from rtinfer.loadloop import LoadLoop, Summary, first_answer, flips_back
 from rtinfer.postgres_server import dsn
 from rtinfer.procs import free_port
 from rtinfer.registry import register_version
@@ -49,6 +54,7 @@ def anyio_backend() -> str:
 class Rollout:
     settings: Settings
     pool: AsyncConnectionPool
+    deployer: Deployer
     sync: RegistrySync
     mlflow: MlflowClient
     tracking_uri: str
@@ -157,7 +163,15 @@ async def rollout(
         await asyncio.to_thread(ensure_webhook, lifecycle_stack.mlflow_uri, hook_url, secret)
         client = MlflowClient(lifecycle_stack.mlflow_uri, lifecycle_stack.mlflow_uri)
         yield Rollout(
-            settings, pool, sync, client, lifecycle_stack.mlflow_uri, hook_url, server, serving
+            settings,
+            pool,
+            deployer,
+            sync,
+            client,
+            lifecycle_stack.mlflow_uri,
+            hook_url,
+            server,
+            serving,
         )
         await deployer.wait_settled(60)
     finally:
@@ -166,6 +180,25 @@ async def rollout(
         await deployer.close()
         await triton.close()
         await pool.close()
+
+
+@asynccontextmanager
+async def gateway_client(rollout: Rollout) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process gateway on the lifecycle stack's catalog and Triton."""
+    gw = rollout.settings.gateway.model_copy(
+        update={"auth": "none", "prediction_log": "discard", "default_deadline_ms": 5000}
+    )
+    app = create_app(
+        rollout.settings.model_copy(update={"gateway": gw}),
+        GatewayDeps(deployer=rollout.deployer),
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+        ) as client,
+    ):
+        yield client
 
 
 async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
@@ -178,9 +211,23 @@ async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
     hooks = [h for h in rollout.mlflow.list_webhooks() if h.url == rollout.hook_url]
     assert [h.webhook_id for h in hooks] == [again]
 
-    # 1. two new versions: MLflow's signed deliveries promote the newest
+    # 1. two new versions: MLflow's signed deliveries promote the newest, which serves
+    # within seconds while a load runs through a gateway, without a failed request
     assert await rollout.register(tmp_path, 1) == "1"
-    assert await rollout.register(tmp_path, 2) == "2"
+    async with gateway_client(rollout) as client, LoadLoop(client, MODEL, concurrency=4) as load:
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        assert await rollout.register(tmp_path, 2) == "2"
+        while first_answer(load.samples, "2") is None:
+            assert time.monotonic() - started < 60, Summary.of(load.samples)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+    first = first_answer(load.samples, "2")
+    assert first is not None
+    summary = Summary.of(load.samples)
+    print(f"\nMLflow registration -> serving {first.finished - started:.2f}s; load {summary}")
+    assert summary.non_2xx == 0, summary
+    assert flips_back(load.samples, "1", "2") == []
     assert await rollout.applied("created", 2) == ("promoted", "mlflow-webhook")
     assert await rollout.champion() == "2"
     deliveries = await rollout.rows(
