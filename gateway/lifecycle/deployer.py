@@ -301,8 +301,14 @@ class Deployer:
             "actor": req.actor,
             **dict(req.detail),
         }
-        await catalog_tx.record(conn, model, "deploy_started", base)
         serving = Serving.load(self.repository, model)
+        final = version_dir(self.repository, model, version)
+        if req.source is None and version not in serving.pinned and not final.is_dir():
+            # nothing to deploy yet: not an attempt, so a directory dropped later still counts
+            error = ArtifactInvalid(f"{model} version {version}: no directory {final}")
+            await self._record_failure(conn, model, "materialize", error, base)
+            raise error
+        await catalog_tx.record(conn, model, "deploy_started", base)
         config_file = self.repository / model / "config.pbtxt"
         saved_config = config_file.read_bytes()
         main = catalog_tx.prod(rows)

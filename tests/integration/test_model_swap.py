@@ -300,6 +300,10 @@ async def test_dropped_directory_is_deployed_once_and_only_after_it_is_complete(
     version = max(int(p.name) for p in model_dir.iterdir() if p.name.isdigit()) + 1
     target = model_dir / str(version)
     settle = settings.lifecycle.watch_settle_s
+    # asking for the version before it exists is refused and does not count as an attempt
+    with pytest.raises(ArtifactInvalid, match="no directory"):
+        await rig.deployer.deploy(DeployRequest(MODEL, version, trigger="test"))
+    assert not await rig.deployer.attempted(MODEL, version)
     watcher = VersionWatcher(settings, rig.deployer)
     await watcher.start()
     try:
