@@ -149,6 +149,11 @@ class Deployer:
         self.metrics = metrics if metrics is not None else LifecycleMetrics()
         self._background: set[asyncio.Task[None]] = set()
 
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The catalog pool the deployer uses (for stores that share its database)."""
+        return self._pool
+
     # ------------------------------------------------------------------ public actions
 
     async def deploy(self, req: DeployRequest) -> Outcome:

@@ -28,14 +28,12 @@ from starlette.responses import Response
 from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import Deployer
-from gateway.lifecycle.metrics import LifecycleMetrics
 from gateway.lifecycle.mlflow_hooks import parse_event, verify_delivery
 from gateway.lifecycle.mlflow_registry import MlflowRegistry
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.sync_store import SyncStore
-from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.responses import OrjsonResponse
-from gateway.runtime import catalog_conninfo
+from gateway.runtime import open_deployer as open_lifecycle_deployer
 from rtinfer.mlflow_server import tracking_uri
 from rtinfer.settings import Settings
 
@@ -83,42 +81,21 @@ def load_watcher(settings: Settings, deployer: Deployer) -> Watcher:
 
 @asynccontextmanager
 async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
-    """Postgres pool, Triton repository client, deployer, registry sync (and watcher)."""
+    """The deployer (as the gateway opens it), registry sync and watcher, with one registry."""
     lc, gw = settings.lifecycle, settings.gateway
-    pool = AsyncConnectionPool(
-        catalog_conninfo(settings),
-        min_size=1,
-        # the deployer holds a connection per model through a deploy (its advisory lock)
-        max_size=max(gw.postgres_pool_size, 2 * len(lc.managed_models) + 2),
-        open=False,
-        timeout=gw.postgres_connect_timeout_s,
-        kwargs={
-            "autocommit": True,
-            "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
-        },
-        name="deployer",
-        check=AsyncConnectionPool.check_connection,
-    )
-    await pool.open(wait=True, timeout=gw.postgres_connect_timeout_s * 3)
-    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=lc.load_timeout_s)
-    try:
-        registry = CollectorRegistry()
-        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
-        try:
-            sync = RegistrySync(
-                lc,
-                deployer,
-                SyncStore(pool),
-                MlflowRegistry(tracking_uri(settings.mlflow.host, settings.mlflow.port)),
-                SyncMetrics(registry),
-            )
-            watcher = load_watcher(settings, deployer) if lc.watch else None
-            yield DeployerRuntime(pool, deployer, sync, registry, watcher)
-        finally:
-            await deployer.close()
-    finally:
-        await triton.close()
-        await pool.close()
+    registry = CollectorRegistry()
+    async with open_lifecycle_deployer(
+        settings, wait_s=gw.postgres_connect_timeout_s * 3, registry=registry
+    ) as deployer:
+        sync = RegistrySync(
+            lc,
+            deployer,
+            SyncStore(deployer.pool),
+            MlflowRegistry(tracking_uri(settings.mlflow.host, settings.mlflow.port)),
+            SyncMetrics(registry),
+        )
+        watcher = load_watcher(settings, deployer) if lc.watch else None
+        yield DeployerRuntime(deployer.pool, deployer, sync, registry, watcher)
 
 
 def _router() -> APIRouter:
