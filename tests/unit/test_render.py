@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from rtinfer.render import PIPELINES, RenderError, render_repository
+from rtinfer.render import PIPELINES, RenderError, Serving, pinned_name, render_repository
 from rtinfer.settings import BatchingSettings, Settings
 
 
@@ -120,4 +121,56 @@ def test_postprocess_gets_threshold_prior_and_fallback_indices(repo: Path) -> No
 def test_missing_model_is_a_clear_error(repo: Path) -> None:
     shutil.rmtree(repo / "fraud_nn")
     with pytest.raises(RenderError, match="fraud_nn"):
+        render_repository(repo, Settings(), "cpu")
+
+
+def _with_threshold(repo: Path, model: str, version: int, threshold: float) -> None:
+    """Version ``version`` of ``model``: version 1's files with another decision threshold."""
+    dest = repo / model / str(version)
+    shutil.copytree(repo / model / "1", dest)
+    metadata = json.loads((dest / "metadata.json").read_text())
+    metadata["threshold"] = threshold
+    (dest / "metadata.json").write_text(json.dumps(metadata))
+
+
+def test_first_render_records_the_newest_version_as_served(repo: Path) -> None:
+    render_repository(repo, Settings(), "cpu")
+    assert Serving.load(repo, "fraud_xgb") == Serving(1, (1,), ())
+    _with_threshold(repo, "fraud_xgb", 2, 0.4)  # dropped later: not served by a re-render
+    render_repository(repo, Settings(), "cpu")
+    assert Serving.load(repo, "fraud_xgb") == Serving(1, (1,), ())
+    assert list(_parse(repo / "fraud_xgb" / "config.pbtxt").version_policy.specific.versions) == [1]
+
+
+def test_serving_file_pins_champion_and_renders_each_pinned_version(repo: Path) -> None:
+    _with_threshold(repo, "fraud_xgb", 2, 0.4)
+    _with_threshold(repo, "fraud_xgb", 3, 0.3)
+    Serving(2, (2, 3), (2, 3)).save(repo, "fraud_xgb")
+    models = render_repository(repo, Settings(), "cpu")
+
+    scorer = _parse(repo / "fraud_xgb" / "config.pbtxt")
+    assert list(scorer.version_policy.specific.versions) == [2, 3]
+    for ensemble in ("fraud_xgb_pipeline", "fraud_blend_pipeline"):
+        steps = _parse(repo / ensemble / "config.pbtxt").ensemble_scheduling.step
+        assert {s.model_name: s.model_version for s in steps}["fraud_xgb"] == 2, ensemble
+    for version, threshold in ((2, 0.4), (3, 0.3)):
+        pipeline, post = (
+            pinned_name("fraud_xgb_pipeline", version),
+            pinned_name("fraud_xgb_postprocess", version),
+        )
+        assert models.index(post) < models.index(pipeline)
+        steps = {
+            s.model_name: s.model_version
+            for s in _parse(repo / pipeline / "config.pbtxt").ensemble_scheduling.step
+        }
+        assert steps == {"feature_assembler": -1, "fraud_xgb": version, post: -1}
+        params = _parse(repo / post / "config.pbtxt").parameters
+        assert float(params["threshold"].string_value) == pytest.approx(threshold)
+    base = _parse(repo / "fraud_xgb_postprocess" / "config.pbtxt").parameters
+    assert float(base["threshold"].string_value) == pytest.approx(0.4)  # the champion's
+
+
+def test_inconsistent_serving_file_is_a_clear_error(repo: Path) -> None:
+    Serving(2, (1,), ()).save(repo, "fraud_xgb")
+    with pytest.raises(RenderError, match="champion"):
         render_repository(repo, Settings(), "cpu")
