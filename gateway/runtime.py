@@ -57,6 +57,21 @@ def catalog_conninfo(settings: Settings) -> str:
     return dsn(settings.state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
 
 
+def catalog_pool(settings: Settings, name: str, max_size: int) -> AsyncConnectionPool:
+    """An unopened autocommit pool on the catalog database."""
+    timeout_s = settings.gateway.postgres_connect_timeout_s
+    return AsyncConnectionPool(
+        catalog_conninfo(settings),
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        timeout=timeout_s,
+        kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+        name=name,
+        check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
+    )
+
+
 def kafka_bootstrap(settings: Settings) -> str:
     """``gateway.kafka_bootstrap``, else the local stack's broker."""
     return settings.gateway.kafka_bootstrap or settings.kafka.bootstrap
@@ -133,19 +148,7 @@ async def open_serving_core(
     Call it per process: librdkafka threads and the spool lock do not survive a fork.
     """
     gw = settings.gateway
-    pool = AsyncConnectionPool(
-        catalog_conninfo(settings),
-        min_size=1,
-        max_size=gw.postgres_pool_size,
-        open=False,
-        timeout=gw.postgres_connect_timeout_s,
-        kwargs={
-            "autocommit": True,
-            "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
-        },
-        name="gateway",
-        check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
-    )
+    pool = catalog_pool(settings, "gateway", gw.postgres_pool_size)
     triton = TritonClient(
         gw.triton_grpc_url,
         metrics,
@@ -209,21 +212,9 @@ async def open_deployer(
     from gateway.lifecycle.triton_repo import TritonRepository
 
     gw = settings.gateway
-    pool = AsyncConnectionPool(
-        catalog_conninfo(settings),
-        min_size=1,
-        # a change in progress holds its model's advisory lock on one connection through the
-        # drain; history and catalog reads need their own
-        max_size=2 * len(settings.lifecycle.managed_models) + 2,
-        open=False,
-        timeout=gw.postgres_connect_timeout_s,
-        kwargs={
-            "autocommit": True,
-            "connect_timeout": max(1, round(gw.postgres_connect_timeout_s)),
-        },
-        name="deployer",
-        check=AsyncConnectionPool.check_connection,
-    )
+    # a change in progress holds its model's advisory lock on one connection through the
+    # drain; history and catalog reads need their own
+    pool = catalog_pool(settings, "deployer", 2 * len(settings.lifecycle.managed_models) + 2)
     triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=settings.lifecycle.load_timeout_s)
     deployer: Deployer | None = None
     try:
