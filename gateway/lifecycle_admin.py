@@ -159,15 +159,7 @@ async def _answer(request: Request, outcome: Outcome) -> DeployOutcome:
             log.warning(
                 "catalog reload after a lifecycle change failed: %s: %s", type(exc).__name__, exc
             )
-    return DeployOutcome(
-        model=outcome.model,
-        version=outcome.version,
-        action=outcome.action,
-        deployment_id=outcome.deployment_id,
-        previous_version=outcome.previous_version,
-        drain_until=outcome.drain_until,
-        timings_ms=dict(outcome.timings_ms),
-    )
+    return DeployOutcome(**outcome.as_dict())
 
 
 def _event(entry: HistoryEntry) -> LifecycleEvent:

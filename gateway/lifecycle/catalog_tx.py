@@ -7,7 +7,6 @@ notified at commit, see either the old routing or the new one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -272,7 +271,7 @@ async def history(conn: AsyncConnection, model: str, limit: int) -> list[History
             int(r[1]) if r[1] is not None else None,
             r[2],
             r[3],
-            r[4] if isinstance(r[4], dict) else json.loads(r[4]),
+            dict(r[4]),
             r[5],
         )
         for r in await cur.fetchall()

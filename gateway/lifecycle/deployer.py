@@ -120,14 +120,6 @@ class Outcome:
         }
 
 
-class _Failed(Exception):
-    """Internal: a swap step failed (the step name and the typed error)."""
-
-    def __init__(self, step: str, error: LifecycleError) -> None:
-        super().__init__(step)
-        self.step, self.error = step, error
-
-
 class Deployer:
     """Runs swaps, promotions, canaries and rollbacks of the managed models."""
 

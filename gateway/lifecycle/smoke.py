@@ -18,6 +18,7 @@ import numpy as np
 from gateway.lifecycle.errors import LifecycleError, SmokeTestFailed
 from gateway.lifecycle.triton_repo import TritonRepository
 from python_backend.feature_spec import ModelMetadata
+from rtinfer.client import CONTEXT_FEATURES
 
 #: max |P(positive)| difference from the golden expectation (Triton runs the same ONNX graph)
 SMOKE_TOLERANCE = 1e-4
@@ -96,7 +97,7 @@ async def smoke_pipeline(
     """Send a few rows through the whole pipeline ``ensemble``; raise unless each answers with
     a probability in [0, 1] and one of ``class_names`` (entities need not exist: missing
     features are imputed)."""
-    context = np.zeros((rows, 10), dtype=np.float32)
+    context = np.zeros((rows, len(CONTEXT_FEATURES)), dtype=np.float32)
     users = [f"smoke-user-{i}" for i in range(rows)]
     merchants = [f"smoke-merchant-{i}" for i in range(rows)]
     try:

@@ -30,6 +30,7 @@ from gateway.lifecycle.errors import (
     RepositoryUnavailable,
     VersionNotReady,
 )
+from rtinfer.client import decode, ensemble_inputs
 from rtinfer.render import set_version_policy
 
 READY = "READY"
@@ -210,15 +211,7 @@ class TritonRepository:
         self, ensemble: str, user_ids: list[str], merchant_ids: list[str], context: np.ndarray
     ) -> tuple[np.ndarray, list[str]]:
         """Score rows through a pipeline ensemble; returns (prediction, label) per row."""
-        rows = len(user_ids)
-        inputs = [
-            grpcclient.InferInput("user_id", [rows, 1], "BYTES"),
-            grpcclient.InferInput("merchant_id", [rows, 1], "BYTES"),
-            grpcclient.InferInput("context", list(context.shape), "FP32"),
-        ]
-        inputs[0].set_data_from_numpy(np.asarray(user_ids, dtype=object).reshape(rows, 1))
-        inputs[1].set_data_from_numpy(np.asarray(merchant_ids, dtype=object).reshape(rows, 1))
-        inputs[2].set_data_from_numpy(np.ascontiguousarray(context, dtype=np.float32))
+        inputs = ensemble_inputs(grpcclient, user_ids, merchant_ids, context)
         try:
             result = await self._client.infer(
                 ensemble,
@@ -231,10 +224,7 @@ class TritonRepository:
             )
         except InferenceServerException as exc:
             raise self._error(exc, ensemble) from None
-        labels = [
-            v.decode() if isinstance(v, bytes) else str(v)
-            for v in np.asarray(result.as_numpy("label")).reshape(-1)
-        ]
+        labels = [decode(v) for v in np.asarray(result.as_numpy("label")).reshape(-1)]
         return np.asarray(result.as_numpy("prediction")).reshape(-1), labels
 
     def _error(

@@ -80,7 +80,7 @@ def ensemble_inputs(
     return out
 
 
-def _decode(value: Any) -> str:
+def decode(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -124,10 +124,10 @@ class FraudClient:
         return [
             Prediction(
                 prediction=float(cols["prediction"][i][0]),
-                label=_decode(cols["label"][i][0]),
+                label=decode(cols["label"][i][0]),
                 confidence=float(cols["confidence"][i][0]),
                 degraded=bool(cols["degraded"][i][0]),
-                degraded_reason=_decode(cols["degraded_reason"][i][0]),
+                degraded_reason=decode(cols["degraded_reason"][i][0]),
                 imputed_count=int(cols["imputed_count"][i][0]),
                 features=[float(v) for v in cols["features"][i]],
             )
