@@ -8,14 +8,12 @@ every worker the same ``callback_secret``).
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
-import secrets
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
+
+from gateway.secret_files import read_or_create_secret
 
 SECRETS_DIR = "async-predict"
 
@@ -89,28 +87,10 @@ class AsyncPredictSettings(BaseModel):
 
 
 def secret_bytes(configured: SecretStr | None, state_dir: Path, name: str) -> bytes:
-    """``configured``, else ``<state_dir>/async-predict/<name>``, created once if missing.
-
-    Creation is atomic (write a temp file, then hard-link it into place), so processes
-    starting together agree on one secret.
-    """
+    """``configured``, else ``<state_dir>/async-predict/<name>``, created once if missing."""
     if configured is not None:
         value = configured.get_secret_value()
         if len(value) < 16:
             raise ValueError(f"{name} must be at least 16 characters")
         return value.encode()
-    path = state_dir / SECRETS_DIR / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent)  # mode 0600
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path.read_text().strip().encode()
+    return read_or_create_secret(state_dir / SECRETS_DIR / name).encode()
