@@ -14,9 +14,9 @@ import typer
 
 from gateway.auth import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
 from rtinfer.postgres_server import dsn
-from rtinfer.procs import ProcessError, pid_alive
+from rtinfer.procs import ProcessError
 from rtinfer.settings import Settings
-from rtinfer.stack import StackState
+from rtinfer.stack import StackState, service_alive
 
 apikeys_app = typer.Typer(
     help="Create, list and revoke the gateway's API keys.",
@@ -48,8 +48,8 @@ def _stack_conninfo() -> str:
             f"no PostgreSQL in the stack state of {settings.state_dir}; start it with "
             "`rtinfer stack up` or pass --conninfo"
         )
-    if not pid_alive(state.postgres.pid):
-        _fail(f"the stack's PostgreSQL (pid {state.postgres.pid}) is not running")
+    if not service_alive(settings.state_dir, "postgres", state.postgres):
+        _fail("the stack's PostgreSQL is not running")
     pg = settings.postgres
     try:
         return dsn(

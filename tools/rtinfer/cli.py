@@ -19,9 +19,9 @@ from rtinfer import stack as stack_mod
 from rtinfer.apikeys import apikeys_app
 from rtinfer.client import CONTEXT_FEATURES, FraudClient
 from rtinfer.features import load_demo_features
-from rtinfer.procs import pid_alive
 from rtinfer.render import RenderError, render_repository
 from rtinfer.settings import Settings
+from rtinfer.stack_status import status as stack_status_of
 
 if TYPE_CHECKING:
     from gateway.lifecycle.deployer import Deployer
@@ -146,7 +146,11 @@ def models_register(repository: RepoOpt = None, tracking_uri: TrackingOpt = None
 def _stack_tracking_uri(settings: Settings) -> str | None:
     """The running stack's MLflow server, if it has a live one."""
     state = stack_mod.StackState.load(settings.state_dir)
-    if state is None or state.mlflow is None or not pid_alive(state.mlflow.pid):
+    if (
+        state is None
+        or state.mlflow is None
+        or not stack_mod.service_alive(settings.state_dir, "mlflow", state.mlflow)
+    ):
         return None
     return state.mlflow_uri
 
@@ -180,13 +184,7 @@ def models_render(target: TargetOpt = "cpu", repository: RepoOpt = None) -> None
 
 def _stack_settings(state: stack_mod.StackState) -> Settings:
     """The settings with the running stack's resolved ports, repository and target."""
-    settings = _settings().model_copy(deep=True)
-    if state.postgres is not None:
-        settings.postgres.port = state.postgres.port
-    settings.gateway.triton_grpc_url = state.triton_ports.grpc_url
-    settings.triton.model_repository = Path(state.model_repository)
-    settings.triton.target = state.target  # type: ignore[assignment]
-    return settings
+    return state.apply(_settings())
 
 
 def _run_deployer(action: Callable[[Deployer], Awaitable[T]], *, settle: bool = True) -> T:
@@ -395,10 +393,23 @@ def stack_down() -> None:
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
+@stack_app.command("restart")
+def stack_restart(
+    service: Annotated[str, typer.Argument(help="e.g. gateway, triton, async-worker-0.")],
+) -> None:
+    """Restart one service of the running stack through its supervisor."""
+    settings = _settings()
+    try:
+        stack_mod.restart(settings, service)
+    except stack_mod.StackError as exc:
+        _fail(str(exc))
+    typer.echo(f"restarted {service}")
+
+
 @stack_app.command("status")
 def stack_status() -> None:
     """Show pids, ports and readiness of each service."""
-    _echo_json(stack_mod.status(_settings()))
+    _echo_json(stack_status_of(_settings()))
 
 
 @app.command("predict")

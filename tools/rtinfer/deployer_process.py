@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 from gateway.lifecycle.mlflow_registry import ensure_webhook
+from gateway.lifecycle.service import webhook_secret
 from rtinfer.gateway_server import gateway_url, spawn_settled
-from rtinfer.procs import ManagedProcess
+from rtinfer.procs import Launch, Process, spawn_program
 from rtinfer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,8 +24,12 @@ def deployer_url(host: str, port: int) -> str:
 
 
 def start_deployer(
-    settings: Settings, triton_grpc_url: str, *, startup_timeout_s: float = 60.0
-) -> ManagedProcess:
+    settings: Settings,
+    triton_grpc_url: str,
+    *,
+    startup_timeout_s: float = 60.0,
+    launch: Launch = spawn_program,
+) -> Process:
     """Start the deployer on ``lifecycle.deployer_host:deployer_port``; wait for ``/readyz``.
 
     ``settings`` must already hold the stack's resolved ports.
@@ -39,6 +44,7 @@ def start_deployer(
         settings.state_dir / "deployer" / "deployer.log",
         f"{deployer_url(lc.deployer_host, lc.deployer_port)}/readyz",
         startup_timeout_s=startup_timeout_s,
+        launch=launch,
     )
 
 
@@ -46,6 +52,6 @@ def register_webhook(settings: Settings, tracking_uri: str) -> str:
     """Point MLflow's registry webhook at the deployer (idempotent); return the webhook id."""
     lc = settings.lifecycle
     url = f"{deployer_url(lc.deployer_host, lc.deployer_port)}{WEBHOOK_PATH}"
-    hook_id = ensure_webhook(tracking_uri, url, lc.webhook_secret.get_secret_value())
+    hook_id = ensure_webhook(tracking_uri, url, webhook_secret(lc))
     log.info("MLflow webhook %s delivers registry events to %s", hook_id, url)
     return hook_id

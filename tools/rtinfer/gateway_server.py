@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 from pydantic import SecretBytes, SecretStr
 
-from rtinfer.procs import ManagedProcess, spawn, wait_until
+from rtinfer.procs import Launch, Process, ProgramSpec, spawn_program, wait_until
 from rtinfer.settings import REPO_ROOT, Settings
 
 ENV_PREFIX = "RTINFER_"
@@ -59,12 +59,19 @@ def spawn_settled(
     ready_url: str,
     *,
     startup_timeout_s: float = 60.0,
-) -> ManagedProcess:
+    launch: Launch = spawn_program,
+) -> Process:
     """``python -m <module>`` with ``settings`` in its environment, once ``ready_url`` answers
     200; stopped again if it does not within ``startup_timeout_s``."""
-    proc = spawn(
-        name, [sys.executable, "-m", module], log_path, env=settings_env(settings), cwd=REPO_ROOT
+    spec = ProgramSpec(
+        name,
+        [sys.executable, "-m", module],
+        log_path,
+        env=settings_env(settings),
+        cwd=REPO_ROOT,
+        stop_timeout_s=30.0,  # shutdown flushes the prediction log and drains jobs
     )
+    proc = launch(spec)
 
     def ready() -> bool:
         return httpx.get(ready_url, timeout=2.0).status_code == 200
@@ -78,8 +85,12 @@ def spawn_settled(
 
 
 def start_gateway(
-    settings: Settings, triton_grpc_url: str, *, startup_timeout_s: float = 60.0
-) -> ManagedProcess:
+    settings: Settings,
+    triton_grpc_url: str,
+    *,
+    startup_timeout_s: float = 60.0,
+    launch: Launch = spawn_program,
+) -> Process:
     """Start ``python -m gateway`` on ``settings.gateway.host:port``; wait for ``/readyz``.
 
     ``settings`` must already hold the stack's resolved ports.
@@ -93,4 +104,5 @@ def start_gateway(
         settings.state_dir / "gateway" / "gateway.log",
         f"{gateway_url(gw.host, gw.port)}/readyz",
         startup_timeout_s=startup_timeout_s,
+        launch=launch,
     )

@@ -24,7 +24,15 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from rtinfer.procs import ManagedProcess, ProcessError, log_tail, spawn, wait_until
+from rtinfer.procs import (
+    Launch,
+    Process,
+    ProcessError,
+    ProgramSpec,
+    log_tail,
+    spawn_program,
+    wait_until,
+)
 from rtinfer.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -255,7 +263,8 @@ def start_kafka(
     host: str = "127.0.0.1",
     libs: Path | None = None,
     startup_timeout_s: float = 90.0,
-) -> ManagedProcess:
+    launch: Launch = spawn_program,
+) -> Process:
     """Start a KRaft broker+controller on ``host:port`` with its files in ``data_dir``.
 
     Storage is formatted on the first start only, so a restart on the same directory keeps
@@ -273,7 +282,7 @@ def start_kafka(
 
     argv = kafka_argv(libs, log4j_config, "kafka.Kafka", str(config))
     log_offset = log_path.stat().st_size if log_path.exists() else 0
-    proc = spawn("kafka", argv, log_path, cwd=data_dir)
+    proc = launch(ProgramSpec("kafka", argv, log_path, cwd=data_dir, stop_timeout_s=30.0))
     admin = admin_client(f"{host}:{port}")
     try:
         wait_until(

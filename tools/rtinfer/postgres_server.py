@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from rtinfer.procs import ManagedProcess, ProcessError, spawn, wait_until
+from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def start_postgres(
     user: str = "rtinfer",
     database: str = "rtinfer",
     startup_timeout_s: float = 60.0,
-) -> ManagedProcess:
+    launch: Launch = spawn_program,
+) -> Process:
     """Start postgres on ``host:port`` with its files in ``data_dir``; ready for ``dsn(...)``.
 
     Runs initdb on first use, starts the server in the foreground as a supervised process,
@@ -162,7 +163,15 @@ def start_postgres(
         "-k", str(socket_dir),
         "-c", f"listen_addresses={host}",
     ]  # fmt: skip
-    proc = spawn("postgres", argv, data_dir / "postgres.log", cwd=data_dir)
+    spec = ProgramSpec(
+        "postgres",
+        argv,
+        data_dir / "postgres.log",
+        cwd=data_dir,
+        stop_signal=signal.SIGINT,  # fast shutdown; see stop_postgres
+        stop_timeout_s=30.0,
+    )
+    proc = launch(spec)
     try:
         admin = PostgresDsn(host, port, SUPERUSER, "postgres", pw_file.read_text().strip())
         wait_until(
@@ -178,7 +187,7 @@ def start_postgres(
     return proc
 
 
-def stop_postgres(proc: ManagedProcess, timeout_s: float = 30.0) -> None:
+def stop_postgres(proc: Process, timeout_s: float = 30.0) -> None:
     """Fast shutdown (SIGINT): roll back open transactions, disconnect clients, checkpoint.
 
     Use this rather than ``proc.stop()``: SIGTERM is postgres's smart shutdown, which waits

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,46 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class ProgramSpec:
+    """How to run one server process: what a launcher (``spawn_program`` or the stack's
+    supervisor) needs to start, stop and restart it."""
+
+    name: str
+    argv: Sequence[str]
+    log_path: Path
+    #: the whole environment of the process; ``None``: the launcher's own
+    env: Mapping[str, str] | None = None
+    cwd: Path | None = None
+    #: signal of a clean stop (postgres: INT, its fast shutdown)
+    stop_signal: signal.Signals = signal.SIGTERM
+    #: how long a clean stop may take before SIGKILL
+    stop_timeout_s: float = 20.0
+    #: a supervised process that exits sooner after starting counts as a failed start
+    start_secs: float = 2.0
+    #: a clean stop signals the whole process group (children too); False: only the process,
+    #: which stops its children itself (SIGKILL still reaches the group after the timeout)
+    signal_group: bool = True
+
+
+class Process(Protocol):
+    """A started server process, spawned directly or run by the stack's supervisor."""
+
+    name: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int: ...
+
+    def alive(self) -> bool: ...
+
+    def stop(self, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None: ...
+
+
+#: starts a program: :func:`spawn_program`, or ``Supervisor.add`` in the local stack
+Launch = Callable[[ProgramSpec], Process]
+
+
 @dataclass
 class ManagedProcess:
     """A server process started in its own session, logging to a file."""
@@ -130,10 +171,15 @@ def spawn(
     return ManagedProcess(name=name, pid=popen.pid, log_path=log_path, popen=popen)
 
 
+def spawn_program(spec: ProgramSpec) -> ManagedProcess:
+    """Start ``spec`` directly (unsupervised), in its own session."""
+    return spawn(spec.name, spec.argv, spec.log_path, env=spec.env, cwd=spec.cwd)
+
+
 def wait_until(
     check: Callable[[], bool],
     timeout_s: float,
-    proc: ManagedProcess | None = None,
+    proc: Process | None = None,
     what: str = "condition",
     interval_s: float = 0.1,
 ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import redis
 
-from rtinfer.procs import ManagedProcess, ProcessError, spawn, wait_until
+from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
 
 
 def redis_binary() -> str:
@@ -17,8 +17,12 @@ def redis_binary() -> str:
     return path
 
 
-def start_redis(data_dir: Path, port: int, host: str = "127.0.0.1") -> ManagedProcess:
-    """Start redis-server on ``host:port`` with its files in ``data_dir``; wait for PING."""
+def redis_program(data_dir: Path, port: int, host: str = "127.0.0.1") -> ProgramSpec:
+    """redis-server on ``host:port`` with its files in ``data_dir``.
+
+    The append-only file (fsync every second) keeps features, rate-limit buckets and async
+    results across a crash and restart of the server.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_binary(),
@@ -26,14 +30,22 @@ def start_redis(data_dir: Path, port: int, host: str = "127.0.0.1") -> ManagedPr
         "--bind", host,
         "--dir", str(data_dir),
         "--dbfilename", "features.rdb",
-        # the online store is rebuilt by `rtinfer features load`; snapshot on shutdown only
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--appenddirname", "appendonly",
         "--daemonize", "no",
         "--protected-mode", "yes",
         "--maxclients", "10000",
     ]  # fmt: skip
-    proc = spawn("redis", argv, data_dir / "redis.log")
+    return ProgramSpec("redis", argv, data_dir / "redis.log", cwd=data_dir)
+
+
+def start_redis(
+    data_dir: Path, port: int, host: str = "127.0.0.1", launch: Launch = spawn_program
+) -> Process:
+    """Start redis-server on ``host:port`` with its files in ``data_dir``; wait for PING."""
+    proc = launch(redis_program(data_dir, port, host))
     client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
     wait_until(lambda: bool(client.ping()), timeout_s=15, proc=proc, what="redis PING")
     client.close()

@@ -292,6 +292,44 @@ def blend_config(settings: Settings, scorers: tuple[str, ...]) -> mc.ModelConfig
     return config
 
 
+def operating_point(scorers: list[TrainedModel], settings: Settings) -> tuple[float, float]:
+    """(decision threshold, class prior) of a pipeline scoring with ``scorers``: one model's
+    own, or for a blend the weight-averaged threshold; the prior of the training set."""
+    if len(scorers) == 1:
+        threshold = scorers[0].metadata.threshold
+    else:
+        w = settings.postprocess.blend_weights
+        total = sum(w[s.name] for s in scorers)
+        threshold = sum(w[s.name] * s.metadata.threshold for s in scorers) / total
+    return threshold, scorers[0].stats.class_prior
+
+
+def class_prior_fallback(
+    repository: Path, endpoint: str, settings: Settings
+) -> dict[str, object] | None:
+    """The catalog ``fallback_config`` of a deployment serving through ``endpoint``: the class
+    prior and threshold of the scorer versions that endpoint answers with, from their
+    ``training_stats.json`` and ``metadata.json``. ``None`` for an endpoint that is not one of
+    the rendered pipelines."""
+    base, _, pinned = endpoint.partition(PINNED_SEPARATOR)
+    pipe = next((p for p in PIPELINES if p.ensemble == base), None)
+    if pipe is None or (pinned and (not pinned.isdigit() or len(pipe.scorers) != 1)):
+        return None
+    if pinned:
+        versions = {pipe.scorers[0]: int(pinned)}
+    else:
+        versions = {s: Serving.load(repository, s).champion for s in pipe.scorers}
+    scorers = [TrainedModel.load(repository, name, v) for name, v in versions.items()]
+    threshold, prior = operating_point(scorers, settings)
+    return {
+        "type": "class_prior",
+        "score": round(prior, 6),
+        "threshold": round(threshold, 6),
+        "source": "training_stats",
+        "versions": {name: str(v) for name, v in versions.items()},
+    }
+
+
 def postprocess_config(
     name: str,
     scorers: list[TrainedModel],
@@ -307,13 +345,7 @@ def postprocess_config(
         indices = [spec.names.index(n) for n in fallback.spec.names]
     else:
         indices = []
-    if len(scorers) == 1:
-        threshold = scorers[0].metadata.threshold
-    else:
-        # blended score: weight-averaged operating point of the blended models
-        w = settings.postprocess.blend_weights
-        total = sum(w[s.name] for s in scorers)
-        threshold = sum(w[s.name] * s.metadata.threshold for s in scorers) / total
+    threshold, class_prior = operating_point(scorers, settings)
     config = _python_model(name, settings)
     config.input.add(**_tensor("probabilities", mc.TYPE_FP32, [2]))
     config.input.add(**_tensor("feature_store_ok", mc.TYPE_BOOL, [1]))
@@ -331,7 +363,7 @@ def postprocess_config(
         {
             "threshold": f"{threshold:.6f}",
             "class_names": ",".join(scorers[0].metadata.class_names),
-            "class_prior": f"{scorers[0].stats.class_prior:.6f}",
+            "class_prior": f"{class_prior:.6f}",
             "fallback_model": fallback.name if fallback is not None else "",
             "fallback_input": fallback.metadata.input_name if fallback is not None else "",
             "fallback_output": fallback.metadata.output_name if fallback is not None else "",
@@ -479,6 +511,23 @@ def render_scorer_versions(
     set_version_policy(config, wanted)
     write_config(repository / name, config)
     return config
+
+
+def served_models(repository: Path) -> list[str]:
+    """The models Triton loads for ``repository`` as rendered, in load order: the scorers,
+    the assembler, the blend, each pipeline (postprocess before its ensemble), then the
+    pipelines pinned in each scorer's ``serving.json``."""
+    models = [*SCORERS, "feature_assembler", "fraud_blend"]
+    for pipe in PIPELINES:
+        models += [pipe.postprocess, pipe.ensemble]
+    for name in SCORERS:
+        serving = Serving.load(repository, name)
+        if not serving.pinned:
+            continue
+        pipe = own_pipeline(name)
+        for version in serving.pinned:
+            models += [pinned_name(pipe.postprocess, version), pinned_name(pipe.ensemble, version)]
+    return models
 
 
 def render_repository(repository: Path, settings: Settings, target: Target = "cpu") -> list[str]:

@@ -1,5 +1,5 @@
 """The local stack: private Redis, PostgreSQL, Kafka, MLflow, Triton, the gateway, the
-deployer and workers.
+deployer and workers, run by one supervisord (``rtinfer.supervisor``).
 
 Start order is Redis (+ demo features), PostgreSQL (+ catalog migrations), Kafka (+ topics),
 MLflow (the model registry), Triton, then the gateway (which needs the catalog and Triton) and
@@ -7,34 +7,40 @@ the async-prediction workers (``gateway.async_predict.workers`` processes); a fa
 whatever was already started. MLflow takes longest to answer (nothing above needs it), so it
 is spawned first and waited for last; then the deployer (catalog, Triton and MLflow) starts
 and MLflow's registry webhook is pointed at it. ``down`` stops in reverse order. What runs is
-tracked in ``<state>/stack.json``.
+tracked in ``<state>/stack.json``; the supervisor restarts a service that exits unexpectedly.
+
+State that must outlive the processes stays in the state directory: Redis's append-only
+file, the Postgres cluster and its password, Kafka's log, MLflow's store with its webhook
+encryption key, the webhook secret shared by MLflow and the deployer, the async-prediction
+secrets and the prediction-log spool. ``up`` after ``down`` (or after a crash) serves the
+same models, API keys and async results.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import xmlrpc.client
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-import psycopg
 import redis
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
+from gateway.secret_files import read_or_create_secret
 from rtinfer.deployer_process import register_webhook, start_deployer
 from rtinfer.features import load_demo_features
 from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
 from rtinfer.migrate import apply_migrations
-from rtinfer.mlflow_server import healthy, spawn_mlflow, tracking_uri, wait_mlflow
+from rtinfer.mlflow_server import spawn_mlflow, tracking_uri, wait_mlflow
 from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
-from rtinfer.procs import ManagedProcess, pid_alive, resolve_port
+from rtinfer.procs import ManagedProcess, Process, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
 from rtinfer.render import render_repository
 from rtinfer.settings import Settings
-from rtinfer.triton_server import TritonPorts, http_ok, start_triton
+from rtinfer.supervisor import LIVE_STATES, Supervisor
+from rtinfer.triton_server import TritonPorts, reap_orphan_stubs, start_triton
 from rtinfer.worker_process import WORKER_PREFIX, start_worker, worker_name
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 #: every service ``up`` can start, in start order
 SERVICE_NAMES = ("redis", "postgres", "kafka", "mlflow", "triton", "gateway", "deployer")
+#: the MLflow webhook's shared secret, generated once per state directory
+WEBHOOK_SECRET_FILE = Path("lifecycle") / "webhook-secret"
 
 
 @dataclass
@@ -53,7 +61,11 @@ class ServiceState:
 
 @dataclass
 class StackState:
-    """What ``stack up`` started, so ``down``/``status``/``predict`` can find it."""
+    """What ``stack up`` started, so ``down``/``status``/``predict`` can find it.
+
+    ``pid`` fields are the pids at start; the supervisor knows the current ones
+    (:func:`service_pid`).
+    """
 
     model_repository: str
     target: str
@@ -71,6 +83,8 @@ class StackState:
     deployer: ServiceState | None = None
     #: ``python -m gateway.worker`` processes; ``port`` is each one's /metrics port
     async_workers: list[ServiceState] = field(default_factory=list)
+    #: supervisord of this stack
+    supervisor_pid: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -116,6 +130,23 @@ class StackState:
         """Tracking (and registry) URI of the stack's MLflow server."""
         return tracking_uri(self.host, self.mlflow.port) if self.mlflow is not None else None
 
+    def apply(self, settings: Settings) -> Settings:
+        """A copy of ``settings`` pointing at this running stack (its resolved ports)."""
+        out = settings.model_copy(deep=True)
+        out.redis.port = self.redis.port
+        out.triton.http_port, out.triton.grpc_port = self.triton.port, self.triton_grpc_port
+        out.triton.metrics_port = self.triton_metrics_port
+        out.triton.model_repository = Path(self.model_repository)
+        out.triton.target = self.target  # type: ignore[assignment]
+        out.gateway.triton_grpc_url = self.triton_ports.grpc_url
+        for name in ("postgres", "kafka", "mlflow", "gateway"):
+            svc: ServiceState | None = getattr(self, name)
+            if svc is not None:
+                getattr(out, name).port = svc.port
+        if self.deployer is not None:
+            out.lifecycle.deployer_port = self.deployer.port
+        return out
+
     @classmethod
     def load(cls, state_dir: Path) -> StackState | None:
         path = state_dir / STATE_FILE
@@ -133,16 +164,8 @@ class StackError(RuntimeError):
     """The stack cannot be brought up or is not running."""
 
 
-def up(settings: Settings, load_features: bool = True) -> StackState:
-    """Start the configured services; Triton last, once its dependencies answer."""
-    state_dir = settings.state_dir
-    existing = StackState.load(state_dir)
-    if existing is not None and any(pid_alive(s.pid) for s in existing.services().values()):
-        raise StackError(
-            f"a stack is already running (see {state_dir / STATE_FILE}); "
-            "run `rtinfer stack down` first"
-        )
-    host = settings.triton.host
+def resolve_settings(settings: Settings) -> tuple[Settings, set[str], TritonPorts]:
+    """A copy of ``settings`` with free ports filled in, the services to start, Triton's ports."""
     wanted = set(settings.services) | {"redis", "triton"}
     taken: set[int] = set()
     settings = settings.model_copy(deep=True)
@@ -150,10 +173,9 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
     if "postgres" in wanted:
         settings.postgres.port = resolve_port(settings.postgres.port, settings.postgres.host, taken)
     if "kafka" in wanted:
-        settings.kafka.port = resolve_port(settings.kafka.port, settings.kafka.host, taken)
-        settings.kafka.controller_port = resolve_port(
-            settings.kafka.controller_port, settings.kafka.host, taken
-        )
+        kafka = settings.kafka
+        kafka.port = resolve_port(kafka.port, kafka.host, taken)
+        kafka.controller_port = resolve_port(kafka.controller_port, kafka.host, taken)
     if "mlflow" in wanted:
         settings.mlflow.port = resolve_port(settings.mlflow.port, settings.mlflow.host, taken)
     if "gateway" in wanted:
@@ -170,261 +192,250 @@ def up(settings: Settings, load_features: bool = True) -> StackState:
             log.warning("mlflow is not started: the deployer's registry reconcile will fail")
         lc = settings.lifecycle
         lc.deployer_port = resolve_port(lc.deployer_port, lc.deployer_host, taken)
+        if lc.webhook_secret is None:
+            secret = read_or_create_secret(settings.state_dir / WEBHOOK_SECRET_FILE)
+            lc.webhook_secret = SecretStr(secret)
     if "async-worker" in wanted and not {"postgres", "kafka"} <= wanted:
         raise StackError("async workers need postgres and kafka in `services`")
+    host = settings.triton.host
     ports = TritonPorts(
         host=host,
         http=resolve_port(settings.triton.http_port, host, taken),
         grpc=resolve_port(settings.triton.grpc_port, host, taken),
         metrics=resolve_port(settings.triton.metrics_port, host, taken),
     )
-    repo = settings.triton.model_repository.resolve()
-    models = render_repository(repo, settings, settings.triton.target)
+    return settings, wanted, ports
 
-    started: list[tuple[str, ManagedProcess]] = []
-    worker_ports: list[int] = []  # /metrics of each async worker
-    try:
-        if "mlflow" in wanted:  # slowest to start: spawn now, wait once the rest is up
-            mlflow = settings.mlflow
-            started.append(
-                (
-                    "mlflow",
-                    spawn_mlflow(state_dir / "mlflow", mlflow.port, mlflow.host, mlflow.workers),
-                )
-            )
-        started.append(
-            ("redis", start_redis(state_dir / "redis", settings.redis.port, settings.redis.host))
-        )
+
+class _Starter:
+    """Starts the services of one ``up`` in order under ``supervisor``; remembers them."""
+
+    def __init__(self, settings: Settings, supervisor: Supervisor, ports: TritonPorts) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.ports = ports
+        self.started: dict[str, Process] = {}
+        self.worker_ports: list[int] = []
+
+    def add(self, name: str, proc: Process) -> None:
+        self.started[name] = proc
+
+    def mlflow(self) -> None:
+        m, state_dir = self.settings.mlflow, self.settings.state_dir
+        proc = spawn_mlflow(state_dir / "mlflow", m.port, m.host, m.workers, self.supervisor.add)
+        self.add("mlflow", proc)
+
+    def redis(self, load_features: bool) -> None:
+        r = self.settings.redis
+        data = self.settings.state_dir / "redis"
+        self.add("redis", start_redis(data, r.port, r.host, self.supervisor.add))
         if load_features:
-            client = redis.Redis.from_url(settings.redis.url)
-            n = load_demo_features(client, seed=settings.seed, prefix=settings.redis.key_prefix)
+            client = redis.Redis.from_url(r.url)
+            n = load_demo_features(client, seed=self.settings.seed, prefix=r.key_prefix)
             client.close()
             log.info("loaded %d entities into redis", n)
-        if "postgres" in wanted:
-            pg = settings.postgres
-            started.append(
-                (
-                    "postgres",
-                    start_postgres(state_dir / "postgres", pg.port, pg.host, pg.user, pg.database),
-                )
-            )
-            applied = apply_migrations(
-                dsn(state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
-            )
-            log.info("catalog migrations applied: %s", applied or "none pending")
-        if "kafka" in wanted:
-            kafka = settings.kafka
-            started.append(
-                (
-                    "kafka",
-                    start_kafka(
-                        state_dir / "kafka",
-                        kafka.port,
-                        kafka.controller_port,
-                        kafka.host,
-                        libs=kafka.libs_dir,
-                    ),
-                )
-            )
-            created = ensure_topics(kafka.bootstrap, DEFAULT_TOPICS)
-            log.info("kafka topics created: %s", created or "all present")
-        started.append(
-            (
-                "triton",
-                start_triton(
-                    repo,
-                    state_dir,
-                    ports,
-                    models,
-                    startup_timeout_s=settings.triton.startup_timeout_s,
-                    log_verbose=settings.triton.log_verbose,
-                    exit_timeout_s=settings.triton.exit_timeout_s,
-                    latency_summaries=settings.triton.latency_summaries,
-                ),
-            )
+
+    def postgres(self) -> None:
+        pg, data = self.settings.postgres, self.settings.state_dir / "postgres"
+        proc = start_postgres(
+            data, pg.port, pg.host, pg.user, pg.database, launch=self.supervisor.add
         )
-        if "gateway" in wanted:
-            started.append(("gateway", start_gateway(settings, f"{host}:{ports.grpc}")))
-        if "async-worker" in wanted:
-            for i in range(settings.gateway.async_predict.workers):
-                worker, metrics_port = start_worker(settings, f"{host}:{ports.grpc}", i)
-                started.append((worker_name(i), worker))
-                worker_ports.append(metrics_port)
-        if "mlflow" in wanted:  # nothing above needs it
-            wait_mlflow(
-                dict(started)["mlflow"],
-                settings.mlflow.port,
-                settings.mlflow.host,
-                settings.mlflow.startup_timeout_s,
+        self.add("postgres", proc)
+        applied = apply_migrations(dsn(data, pg.port, pg.host, pg.user, pg.database).conninfo)
+        log.info("catalog migrations applied: %s", applied or "none pending")
+
+    def kafka(self) -> None:
+        k = self.settings.kafka
+        proc = start_kafka(
+            self.settings.state_dir / "kafka",
+            k.port,
+            k.controller_port,
+            k.host,
+            libs=k.libs_dir,
+            launch=self.supervisor.add,
+        )
+        self.add("kafka", proc)
+        created = ensure_topics(k.bootstrap, DEFAULT_TOPICS)
+        log.info("kafka topics created: %s", created or "all present")
+
+    def triton(self, repository: Path, models: list[str]) -> None:
+        t = self.settings.triton
+        proc = start_triton(
+            repository,
+            self.settings.state_dir,
+            self.ports,
+            models,
+            startup_timeout_s=t.startup_timeout_s,
+            log_verbose=t.log_verbose,
+            exit_timeout_s=t.exit_timeout_s,
+            latency_summaries=t.latency_summaries,
+            launch=self.supervisor.add,
+        )
+        self.add("triton", proc)
+
+    def gateway(self) -> None:
+        proc = start_gateway(self.settings, self.ports.grpc_url, launch=self.supervisor.add)
+        self.add("gateway", proc)
+
+    def workers(self) -> None:
+        for i in range(self.settings.gateway.async_predict.workers):
+            proc, port = start_worker(
+                self.settings, self.ports.grpc_url, i, launch=self.supervisor.add
             )
-        if "deployer" in wanted:  # reconciles with MLflow from its start: after MLflow is up
-            started.append(("deployer", start_deployer(settings, f"{host}:{ports.grpc}")))
-            if "mlflow" in wanted:
-                register_webhook(settings, tracking_uri(settings.mlflow.host, settings.mlflow.port))
+            self.add(worker_name(i), proc)
+            self.worker_ports.append(port)
+
+    def wait_mlflow(self) -> None:
+        m = self.settings.mlflow
+        wait_mlflow(self.started["mlflow"], m.port, m.host, m.startup_timeout_s)
+
+    def deployer(self, with_mlflow: bool) -> None:
+        proc = start_deployer(self.settings, self.ports.grpc_url, launch=self.supervisor.add)
+        self.add("deployer", proc)
+        if with_mlflow:
+            m = self.settings.mlflow
+            register_webhook(self.settings, tracking_uri(m.host, m.port))
+
+    def state(self, repository: Path, models: list[str]) -> StackState:
+        s = self.settings
+
+        def svc(name: str, port: int) -> ServiceState | None:
+            proc = self.started.get(name)
+            return ServiceState(proc.pid, port, str(proc.log_path)) if proc is not None else None
+
+        return StackState(
+            model_repository=str(repository),
+            target=s.triton.target,
+            models=models,
+            redis=svc("redis", s.redis.port),  # type: ignore[arg-type]
+            triton=svc("triton", self.ports.http),  # type: ignore[arg-type]
+            triton_grpc_port=self.ports.grpc,
+            triton_metrics_port=self.ports.metrics,
+            host=self.ports.host,
+            postgres=svc("postgres", s.postgres.port),
+            kafka=svc("kafka", s.kafka.port),
+            mlflow=svc("mlflow", s.mlflow.port),
+            gateway=svc("gateway", s.gateway.port),
+            deployer=svc("deployer", s.lifecycle.deployer_port),
+            async_workers=[
+                svc(worker_name(i), port)  # type: ignore[misc]
+                for i, port in enumerate(self.worker_ports)
+            ],
+            supervisor_pid=self.supervisor.daemon.pid if self.supervisor.daemon else None,
+        )
+
+
+def up(settings: Settings, load_features: bool = True) -> StackState:
+    """Start the configured services; Triton once its dependencies answer."""
+    if is_running(settings.state_dir):
+        raise StackError(
+            f"a stack is already running (see {settings.state_dir / STATE_FILE}); "
+            "run `rtinfer stack down` first"
+        )
+    settings, wanted, ports = resolve_settings(settings)
+    repository = settings.triton.model_repository.resolve()
+    models = render_repository(repository, settings, settings.triton.target)
+    supervisor = Supervisor.start(settings.state_dir)
+    starter = _Starter(settings, supervisor, ports)
+    try:
+        _start_all(starter, wanted, repository, models, load_features)
     except BaseException:
-        for name, proc in reversed(started):
-            _stop(name, proc, settings)
+        for name in reversed(list(starter.started)):
+            supervisor.stop(name)
+        supervisor.shutdown()
         raise
-    procs = dict(started)
-
-    def svc(name: str, port: int) -> ServiceState | None:
-        proc = procs.get(name)
-        return ServiceState(proc.pid, port, str(proc.log_path)) if proc is not None else None
-
-    state = StackState(
-        model_repository=str(repo),
-        target=settings.triton.target,
-        models=models,
-        redis=svc("redis", settings.redis.port),  # type: ignore[arg-type]
-        triton=svc("triton", ports.http),  # type: ignore[arg-type]
-        triton_grpc_port=ports.grpc,
-        triton_metrics_port=ports.metrics,
-        host=host,
-        postgres=svc("postgres", settings.postgres.port),
-        kafka=svc("kafka", settings.kafka.port),
-        mlflow=svc("mlflow", settings.mlflow.port),
-        gateway=svc("gateway", settings.gateway.port),
-        deployer=svc("deployer", settings.lifecycle.deployer_port),
-        async_workers=[
-            ServiceState(procs[worker_name(i)].pid, port, str(procs[worker_name(i)].log_path))
-            for i, port in enumerate(worker_ports)
-        ],
-    )
-    state.save(state_dir)
+    state = starter.state(repository, models)
+    state.save(settings.state_dir)
     return state
 
 
-def _stop(name: str, proc: ManagedProcess, settings: Settings) -> None:
-    if name == "postgres":
-        stop_postgres(proc)  # fast shutdown: SIGTERM would wait for every client to leave
-    else:
-        proc.stop(timeout_s=settings.triton.exit_timeout_s + 10)
+def _start_all(
+    starter: _Starter, wanted: set[str], repository: Path, models: list[str], load_features: bool
+) -> None:
+    if "mlflow" in wanted:  # slowest to start: spawn now, wait once the rest is up
+        starter.mlflow()
+    starter.redis(load_features)
+    if "postgres" in wanted:
+        starter.postgres()
+    if "kafka" in wanted:
+        starter.kafka()
+    starter.triton(repository, models)
+    if "gateway" in wanted:
+        starter.gateway()
+    if "async-worker" in wanted:
+        starter.workers()
+    if "mlflow" in wanted:  # nothing above needs it
+        starter.wait_mlflow()
+    if "deployer" in wanted:  # reconciles with MLflow from its start: after MLflow is up
+        starter.deployer(with_mlflow="mlflow" in wanted)
+
+
+def is_running(state_dir: Path) -> bool:
+    """A stack of ``state_dir`` runs: its supervisor answers, or a recorded pid is alive."""
+    if Supervisor(state_dir).running():
+        return True
+    state = StackState.load(state_dir)
+    return state is not None and any(pid_alive(s.pid) for s in state.services().values())
 
 
 def down(settings: Settings) -> list[str]:
     """Stop what ``up`` started (Triton first, so in-flight requests finish); return names."""
-    state = StackState.load(settings.state_dir)
+    state_dir = settings.state_dir
+    state = StackState.load(state_dir)
     if state is None:
         return []
-    stopped = []
-    for name, svc in reversed(state.services().items()):
-        proc = ManagedProcess(name=name, pid=svc.pid, log_path=Path(svc.log))
-        if proc.alive():
-            _stop(name, proc, settings)
-            stopped.append(name)
-    (settings.state_dir / STATE_FILE).unlink(missing_ok=True)
+    supervisor = Supervisor(state_dir)
+    stopped: list[str] = []
+    if supervisor.running():
+        live = supervisor.all_info()
+        for name in reversed(list(state.services())):
+            if name in live and live[name]["statename"] in ("STARTING", "RUNNING", "BACKOFF"):
+                supervisor.stop(name)
+                stopped.append(name)
+        supervisor.shutdown()
+        reap_orphan_stubs(state_dir / "triton_backends")
+    else:  # no supervisor (it crashed): stop what the state file lists
+        for name, svc in reversed(state.services().items()):
+            proc = ManagedProcess(name=name, pid=svc.pid, log_path=Path(svc.log))
+            if proc.alive():
+                if name == "postgres":
+                    stop_postgres(proc)
+                else:
+                    proc.stop(timeout_s=settings.triton.exit_timeout_s + 10)
+                stopped.append(name)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
     for name in SERVICE_NAMES:
-        (settings.state_dir / f"{name}.pid").unlink(missing_ok=True)
-    for pid_file in settings.state_dir.glob(f"{WORKER_PREFIX}-*.pid"):
+        (state_dir / f"{name}.pid").unlink(missing_ok=True)
+    for pid_file in state_dir.glob(f"{WORKER_PREFIX}-*.pid"):
         pid_file.unlink(missing_ok=True)
     return stopped
 
 
-def status(settings: Settings) -> dict[str, object]:
-    """Liveness and readiness of each service of the running stack."""
-    state = StackState.load(settings.state_dir)
-    if state is None:
-        return {"running": False}
-    base = f"http://{state.host}:{state.triton.port}"
-    triton_ready = http_ok(f"{base}/v2/health/ready")
+def restart(settings: Settings, name: str) -> None:
+    """Stop service ``name`` cleanly and start it again (same program, same environment)."""
+    state = require_running(settings)
+    if name not in state.services():
+        raise StackError(f"no service {name!r}; the stack runs {', '.join(state.services())}")
+    supervisor = Supervisor(settings.state_dir)
+    supervisor.stop(name)
+    supervisor.start_program(name)
+
+
+def service_pid(state_dir: Path, name: str) -> int:
+    """The current pid of service ``name`` (0 while it is not running)."""
+    return int(Supervisor(state_dir).info(name)["pid"])
+
+
+def service_alive(state_dir: Path, name: str, svc: ServiceState) -> bool:
+    """Service ``name`` runs (as its supervisor says; its start pid if none answers)."""
     try:
-        redis_ok = bool(redis.Redis.from_url(state.redis_url, socket_timeout=0.5).ping())
-    except redis.RedisError:
-        redis_ok = False
-    models = (
-        {m: http_ok(f"{base}/v2/models/{m}/ready") for m in state.models} if triton_ready else {}
-    )
-    out: dict[str, object] = {
-        "running": True,
-        "redis": {
-            "pid": state.redis.pid,
-            "alive": pid_alive(state.redis.pid),
-            "ping": redis_ok,
-            "url": state.redis_url,
-        },
-        "triton": {
-            "pid": state.triton.pid,
-            "alive": pid_alive(state.triton.pid),
-            "ready": triton_ready,
-            "http": f"{state.host}:{state.triton.port}",
-            "grpc": f"{state.host}:{state.triton_grpc_port}",
-            "metrics": f"http://{state.host}:{state.triton_metrics_port}/metrics",
-            "models": models,
-        },
-        "model_repository": state.model_repository,
-        "target": state.target,
-    }
-    if state.postgres is not None:
-        out["postgres"] = _postgres_status(settings, state.host, state.postgres)
-    if state.kafka is not None:
-        out["kafka"] = _kafka_status(state.host, state.kafka)
-    if state.mlflow is not None:
-        out["mlflow"] = {
-            "pid": state.mlflow.pid,
-            "alive": pid_alive(state.mlflow.pid),
-            "healthy": healthy(state.mlflow_uri),  # type: ignore[arg-type]
-            "tracking_uri": state.mlflow_uri,
-        }
-    if state.gateway is not None:
-        out["gateway"] = _gateway_status(state.host, state.gateway)
-    if state.deployer is not None:
-        out["deployer"] = _gateway_status(settings.lifecycle.deployer_host, state.deployer)
-    if state.async_workers:
-        out["async_workers"] = [
-            {
-                "pid": w.pid,
-                "alive": pid_alive(w.pid),
-                "metrics": f"http://{settings.gateway.async_predict.metrics_host}:{w.port}/metrics",
-            }
-            for w in state.async_workers
-        ]
-    return out
-
-
-def _gateway_status(host: str, svc: ServiceState) -> dict[str, object]:
-    url = gateway_url(host, svc.port)
-    info: dict[str, object] = {"pid": svc.pid, "alive": pid_alive(svc.pid), "url": url}
-    try:
-        info["readyz"] = httpx.get(f"{url}/readyz", timeout=2.0).json()
-    except (httpx.HTTPError, ValueError) as exc:
-        info["error"] = str(exc) or type(exc).__name__
-    return info
-
-
-def _postgres_status(settings: Settings, host: str, svc: ServiceState) -> dict[str, object]:
-    pg = settings.postgres
-    info: dict[str, object] = {
-        "pid": svc.pid,
-        "alive": pid_alive(svc.pid),
-        "url": f"postgresql://{pg.user}@{host}:{svc.port}/{pg.database}",
-    }
-    try:
-        conninfo = dsn(
-            settings.state_dir / "postgres", svc.port, host, pg.user, pg.database
-        ).conninfo
-        with psycopg.connect(conninfo, connect_timeout=2) as conn:
-            row = conn.execute("SELECT count(*) FROM model_deployments WHERE is_active").fetchone()
-        info["active_deployments"] = row[0] if row else 0
-    except (psycopg.Error, OSError) as exc:
-        info["error"] = str(exc).strip()
-    return info
-
-
-def _kafka_status(host: str, svc: ServiceState) -> dict[str, object]:
-    bootstrap = f"{host}:{svc.port}"
-    info: dict[str, object] = {"pid": svc.pid, "alive": pid_alive(svc.pid), "bootstrap": bootstrap}
-    try:
-        meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=3)
-        info["topics"] = {
-            t: len(m.partitions) for t, m in sorted(meta.topics.items()) if not t.startswith("__")
-        }
-    except KafkaException as exc:
-        info["error"] = str(exc)
-    return info
+        return Supervisor(state_dir).info(name)["statename"] in LIVE_STATES
+    except (OSError, xmlrpc.client.Error):
+        return pid_alive(svc.pid)
 
 
 def require_running(settings: Settings) -> StackState:
     state = StackState.load(settings.state_dir)
-    if state is None or not pid_alive(state.triton.pid):
+    if state is None or not is_running(settings.state_dir):
         raise StackError("the stack is not running; start it with `rtinfer stack up`")
     return state

@@ -5,20 +5,29 @@ backend and one backend stub per Python version. We assemble a backend directory
 python backend plus the stub for this interpreter (with its exec bit), and start Triton with
 this environment's ``bin`` first on PATH: the stub takes ``sys.prefix`` - hence the packages
 our models import - from the first ``python3`` on PATH.
+
+Under the stack's supervisor the program is ``python -m rtinfer.triton_server ...``, which
+reads the repository's ``serving.json`` files at each (re)start, so a Triton restarted after a
+model swap loads the versions and pinned pipelines serving at that moment, then replaces
+itself with ``tritonserver``.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import stat
 import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtinfer.procs import ManagedProcess, ProcessError, spawn, wait_until
+from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
+from rtinfer.render import served_models
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +83,40 @@ def assemble_backend_dir(dest: Path) -> Path:
         server / "backends" / "python" / "triton_python_backend_utils.py",
         stub,
     ):
-        shutil.copy2(src, target / src.name)
-    stub_copy = target / stub.name
-    stub_copy.chmod(stub_copy.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        # copy beside, then rename: a stub still running from the old file keeps its inode
+        # (overwriting a running executable in place fails with "Text file busy")
+        tmp = target / f".{src.name}.tmp"
+        shutil.copy2(src, tmp)
+        if src is stub:
+            tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        tmp.replace(target / src.name)
     return dest
+
+
+def reap_orphan_stubs(backend_dir: Path) -> list[int]:
+    """SIGKILL python-backend stubs of ``backend_dir`` whose Triton is gone (parent is init).
+
+    A stub is meant to exit within 300 ms of its server's death, but one stuck on the
+    shared-memory health mutex of a server that died lives on, holding its model's resources;
+    every (re)start of the stack's Triton clears them. Returns the pids killed.
+    """
+    stub = str((backend_dir / "python" / "triton_python_backend_stub").resolve())
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode()
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if ppid == 1 and argv0 == stub:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    if killed:
+        log.warning("killed %d orphaned python-backend stubs: %s", len(killed), killed)
+    return killed
 
 
 def triton_argv(
@@ -134,6 +173,42 @@ def http_ok(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def triton_program(
+    repository: Path,
+    state_dir: Path,
+    ports: TritonPorts,
+    *,
+    log_verbose: int = 0,
+    exit_timeout_s: int = 10,
+    latency_summaries: bool = False,
+) -> ProgramSpec:
+    """Triton serving what ``repository`` renders (re-read at every start)."""
+    check_stub_python()
+    backend_dir = assemble_backend_dir(state_dir / "triton_backends")
+    argv = [
+        sys.executable, "-m", "rtinfer.triton_server",
+        "--repository", str(repository),
+        "--backend-dir", str(backend_dir),
+        "--host", ports.host,
+        "--http-port", str(ports.http),
+        "--grpc-port", str(ports.grpc),
+        "--metrics-port", str(ports.metrics),
+        "--log-verbose", str(log_verbose),
+        "--exit-timeout-s", str(exit_timeout_s),
+    ]  # fmt: skip
+    if latency_summaries:
+        argv.append("--latency-summaries")
+    return ProgramSpec(
+        "triton",
+        argv,
+        state_dir / "triton.log",
+        env=triton_env(),
+        stop_timeout_s=exit_timeout_s + 10,
+        start_secs=2.0,
+        signal_group=False,  # tritonserver finalizes its stubs; SIGTERM to them races that
+    )
+
+
 def start_triton(
     repository: Path,
     state_dir: Path,
@@ -143,27 +218,70 @@ def start_triton(
     log_verbose: int = 0,
     exit_timeout_s: int = 10,
     latency_summaries: bool = False,
-) -> ManagedProcess:
+    launch: Launch = spawn_program,
+) -> Process:
     """Start Triton serving ``models`` (explicit mode) and wait until each one is READY."""
-    check_stub_python()
-    backend_dir = assemble_backend_dir(state_dir / "triton_backends")
-    argv = triton_argv(
-        repository, backend_dir, ports, models, log_verbose, exit_timeout_s, latency_summaries
+    spec = triton_program(
+        repository,
+        state_dir,
+        ports,
+        log_verbose=log_verbose,
+        exit_timeout_s=exit_timeout_s,
+        latency_summaries=latency_summaries,
     )
-    proc = spawn("triton", argv, state_dir / "triton.log", env=triton_env())
-    base = f"http://{ports.http_url}"
+    proc = launch(spec)
     try:
-        wait_until(
-            lambda: (
-                http_ok(f"{base}/v2/health/ready")
-                and all(http_ok(f"{base}/v2/models/{m}/ready") for m in models)
-            ),
-            timeout_s=startup_timeout_s,
-            proc=proc,
-            what="Triton and all models READY",
-            interval_s=0.25,
-        )
+        wait_triton_ready(proc, ports, models, startup_timeout_s)
     except BaseException:
         proc.stop()
         raise
     return proc
+
+
+def wait_triton_ready(
+    proc: Process | None, ports: TritonPorts, models: list[str], timeout_s: float
+) -> None:
+    """Wait until Triton and each of ``models`` answer READY."""
+    base = f"http://{ports.http_url}"
+    wait_until(
+        lambda: (
+            http_ok(f"{base}/v2/health/ready")
+            and all(http_ok(f"{base}/v2/models/{m}/ready") for m in models)
+        ),
+        timeout_s=timeout_s,
+        proc=proc,
+        what="Triton and all models READY",
+        interval_s=0.25,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Replace this process with ``tritonserver`` loading what the repository serves now."""
+    parser = argparse.ArgumentParser(prog="python -m rtinfer.triton_server")
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--backend-dir", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, required=True)
+    parser.add_argument("--grpc-port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--exit-timeout-s", type=int, default=10)
+    parser.add_argument("--latency-summaries", action="store_true")
+    ns = parser.parse_args(args)
+    reap_orphan_stubs(ns.backend_dir)  # of a previous server that died
+    ports = TritonPorts(ns.host, ns.http_port, ns.grpc_port, ns.metrics_port)
+    argv = triton_argv(
+        ns.repository,
+        ns.backend_dir,
+        ports,
+        served_models(ns.repository),
+        ns.log_verbose,
+        ns.exit_timeout_s,
+        ns.latency_summaries,
+    )
+    sys.stdout.flush()
+    os.execve(argv[0], argv, os.environ)
+
+
+if __name__ == "__main__":
+    main()

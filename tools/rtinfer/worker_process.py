@@ -8,7 +8,7 @@ happens after its serving core is open and its Kafka consumer subscribed.
 from __future__ import annotations
 
 from rtinfer.gateway_server import spawn_settled
-from rtinfer.procs import ManagedProcess, free_port
+from rtinfer.procs import Launch, Process, free_port, spawn_program
 from rtinfer.settings import Settings
 
 WORKER_PREFIX = "async-worker"
@@ -24,7 +24,8 @@ def start_worker(
     index: int = 0,
     *,
     startup_timeout_s: float = 60.0,
-) -> tuple[ManagedProcess, int]:
+    launch: Launch = spawn_program,
+) -> tuple[Process, int]:
     """Start worker ``index``; return it and its metrics port once that answers.
 
     ``settings`` must hold the stack's resolved ports. ``async_predict.metrics_port`` None or
@@ -49,5 +50,6 @@ def start_worker(
         settings.state_dir / "async-worker" / f"{name}.log",
         f"http://{host}:{port}/metrics",
         startup_timeout_s=startup_timeout_s,
+        launch=launch,
     )
     return proc, port
