@@ -10,7 +10,7 @@ import asyncio
 
 import uvicorn
 
-from gateway.lifecycle.service import create_deployer_app, open_deployer
+from gateway.lifecycle.service import create_deployer_app, open_deployer, webhook_secret
 from gateway.logs import configure_logging
 from rtinfer.settings import Settings
 
@@ -18,6 +18,7 @@ from rtinfer.settings import Settings
 async def serve(settings: Settings) -> None:
     """Open the deployer runtime, serve until SIGINT/SIGTERM, close it."""
     lc = settings.lifecycle
+    webhook_secret(lc)  # refuse to start before opening anything
     async with open_deployer(settings) as rt:
         app = create_deployer_app(
             settings,
@@ -25,6 +26,7 @@ async def serve(settings: Settings) -> None:
             rt.sync,
             metrics_registry=rt.metrics_registry,
             watcher=rt.watcher,
+            watchdog=rt.watchdog,
         )
         config = uvicorn.Config(
             app,

@@ -105,11 +105,14 @@ async def _insert(
     template: Row | None,
     *,
     traffic_pct: float,
+    fallback: Mapping[str, Any] | None,
     is_shadow: bool = False,
     sample_pct: float = 100.0,
 ) -> int:
+    """A new active row; ``fallback`` (else the template's) becomes its ``fallback_config``."""
     groups = template.feature_groups if template is not None else []
-    fallback = template.fallback_config if template is not None else {}
+    if fallback is None:
+        fallback = template.fallback_config if template is not None else {}
     cur = await conn.execute(
         """
         INSERT INTO model_deployments
@@ -124,7 +127,7 @@ async def _insert(
             endpoint,
             traffic_pct,
             Jsonb(groups),
-            Jsonb(fallback),
+            Jsonb(dict(fallback)),
             is_shadow,
             sample_pct,
         ),
@@ -156,6 +159,7 @@ async def switch_to(
     endpoint: str,
     action: str,
     detail: Mapping[str, Any],
+    fallback: Mapping[str, Any] | None = None,
 ) -> int:
     """``version`` takes all traffic: reuse its active arm or insert one; retire the others.
 
@@ -175,7 +179,9 @@ async def switch_to(
             dep_id = mine.deployment_id
         else:
             template = prod(rows) or (rows[0] if rows else None)
-            dep_id = await _insert(conn, model, version, endpoint, template, traffic_pct=100.0)
+            dep_id = await _insert(
+                conn, model, version, endpoint, template, traffic_pct=100.0, fallback=fallback
+            )
         await record(conn, model, action, detail, dep_id)
     return dep_id
 
@@ -187,6 +193,7 @@ async def start_canary(
     endpoint: str,
     traffic_pct: float,
     detail: Mapping[str, Any],
+    fallback: Mapping[str, Any] | None = None,
 ) -> int:
     """``version`` gets ``traffic_pct``, the prod arm the rest; other canaries are retired."""
     async with conn.transaction():
@@ -206,7 +213,9 @@ async def start_canary(
             await _set_traffic(conn, mine.deployment_id, traffic_pct)
             dep_id = mine.deployment_id
         else:
-            dep_id = await _insert(conn, model, version, endpoint, main, traffic_pct=traffic_pct)
+            dep_id = await _insert(
+                conn, model, version, endpoint, main, traffic_pct=traffic_pct, fallback=fallback
+            )
         await record(conn, model, "canary", detail, dep_id)
     return dep_id
 
@@ -218,6 +227,7 @@ async def start_shadow(
     endpoint: str,
     sample_pct: float,
     detail: Mapping[str, Any],
+    fallback: Mapping[str, Any] | None = None,
 ) -> int:
     async with conn.transaction():
         rows = await active_rows(conn, model)
@@ -228,11 +238,30 @@ async def start_shadow(
             endpoint,
             prod(rows),
             traffic_pct=0.0,
+            fallback=fallback,
             is_shadow=True,
             sample_pct=sample_pct,
         )
         await record(conn, model, "shadow", detail, dep_id)
     return dep_id
+
+
+async def set_fallback(
+    conn: AsyncConnection, row: Row, model: str, fallback: Mapping[str, Any]
+) -> None:
+    """Replace ``row``'s ``fallback_config`` (and record the change)."""
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE model_deployments SET fallback_config = %s WHERE deployment_id = %s",
+            (Jsonb(dict(fallback)), row.deployment_id),
+        )
+        await record(
+            conn,
+            model,
+            "fallback_updated",
+            {"version": row.version, "previous": row.fallback_config, "fallback": dict(fallback)},
+            row.deployment_id,
+        )
 
 
 async def end_trials(conn: AsyncConnection, model: str, detail: Mapping[str, Any]) -> list[Row]:

@@ -32,10 +32,10 @@ class LifecycleSettings(BaseModel):
         50.0, gt=0, description="Median single-row latency a new version must stay under."
     )
     on_register: Literal["promote", "canary", "shadow", "none"] = Field(
-        "promote",
+        "shadow",
         description="What a new MLflow model version (model_version.created) triggers; aliases "
-        "(champion, canary, challenger) act regardless. Production registries usually set "
-        "'none' and roll out by alias.",
+        "(champion, canary, challenger) act regardless. The default mirrors traffic to it "
+        "without serving its answers; promote it with the champion alias.",
     )
     on_drop: Literal["promote", "canary", "shadow"] = Field(
         "promote", description="What a version directory dropped into the repository triggers."
@@ -44,10 +44,10 @@ class LifecycleSettings(BaseModel):
     deployer_port: int = Field(
         8090, ge=0, le=65535, description="Port of the deployer service (webhook receiver)."
     )
-    webhook_secret: SecretStr = Field(
-        SecretStr("rtinfer-local-webhook-secret"),
-        description="Shared secret of the MLflow webhook (HMAC-SHA256); set your own in "
-        "production.",
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Shared secret of the MLflow webhook (HMAC-SHA256). Required: the deployer "
+        "refuses to start without one; the local stack generates it into the state dir.",
     )
     webhook_max_skew_s: float = Field(
         300.0, gt=0, description="Webhook deliveries with a timestamp further off are refused."
@@ -56,6 +56,13 @@ class LifecycleSettings(BaseModel):
         30.0, gt=0, description="Period of the registry poll that applies missed events."
     )
     watch: bool = Field(True, description="Watch the model repository for dropped versions.")
+    watchdog: bool = Field(
+        True, description="Probe Triton's models and reload one whose python stub died."
+    )
+    watchdog_interval_s: float = Field(1.0, gt=0, description="Period of the watchdog's probes.")
+    watchdog_probe_timeout_s: float = Field(
+        3.0, gt=0, description="A watchdog probe waits this long (a dead stub answers in ~1 s)."
+    )
     watch_interval_s: float = Field(1.0, gt=0, description="Repository scan period.")
     watch_settle_s: float = Field(
         3.0,

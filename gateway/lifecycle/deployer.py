@@ -64,6 +64,7 @@ from gateway.lifecycle.triton_repo import READY, TritonRepository
 from rtinfer.render import (
     SHELLS_DIR,
     Serving,
+    class_prior_fallback,
     own_pipeline,
     pinned_name,
     place_scorer_shell,
@@ -355,6 +356,7 @@ class Deployer:
 
             step, started = "catalog", time.perf_counter()
             endpoint = pinned_name(own_pipeline(model).ensemble, version)
+            fallback = class_prior_fallback(self.repository, endpoint, self.settings)
             detail = {
                 **base,
                 "previous_version": previous,
@@ -365,17 +367,29 @@ class Deployer:
                 if req.mode == "promote":
                     action = "rolled_back" if "rollback_from" in req.detail else "promoted"
                     dep_id = await catalog_tx.switch_to(
-                        conn, model, version, endpoint, action, detail
+                        conn, model, version, endpoint, action, detail, fallback
                     )
                 elif req.mode == "canary":
                     action = "canary"
                     dep_id = await catalog_tx.start_canary(
-                        conn, model, version, endpoint, pct, {**detail, "traffic_pct": pct}
+                        conn,
+                        model,
+                        version,
+                        endpoint,
+                        pct,
+                        {**detail, "traffic_pct": pct},
+                        fallback,
                     )
                 else:
                     action = "shadow"
                     dep_id = await catalog_tx.start_shadow(
-                        conn, model, version, endpoint, pct, {**detail, "sample_pct": pct}
+                        conn,
+                        model,
+                        version,
+                        endpoint,
+                        pct,
+                        {**detail, "sample_pct": pct},
+                        fallback,
                     )
             except Exception as exc:  # any database error: nothing was switched
                 raise CatalogUpdateFailed(

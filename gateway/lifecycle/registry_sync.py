@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.errors import GatewayError
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import DeployRequest, Mode, Outcome
+from gateway.lifecycle.errors import NothingToDo
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing, VersionInfo
 from gateway.lifecycle.sync_store import CREATED, PENDING, AppliedState, SyncStore, alias_kind
@@ -401,6 +402,9 @@ class RegistrySync:
                         detail={"registry_kind": action.kind, **detail},
                     )
                 )
+        except NothingToDo as exc:  # e.g. a registered version that already serves production
+            log.info("%s %s version %d: %s", action.model, action.kind, action.version, exc)
+            return "unchanged", {"reason": exc.message}
         except Exception as exc:
             log.warning(
                 "%s %s version %d: %s failed: %s",

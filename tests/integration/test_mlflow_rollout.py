@@ -159,7 +159,7 @@ async def rollout(
             assert not serving.done(), "the deployer app did not start"
             await asyncio.sleep(0.05)
         hook_url = f"http://127.0.0.1:{port}/hooks/mlflow"
-        secret = settings.lifecycle.webhook_secret.get_secret_value()
+        secret = settings.lifecycle.webhook_secret.get_secret_value()  # type: ignore[union-attr]
         await asyncio.to_thread(ensure_webhook, lifecycle_stack.mlflow_uri, hook_url, secret)
         client = MlflowClient(lifecycle_stack.mlflow_uri, lifecycle_stack.mlflow_uri)
         yield Rollout(
@@ -205,19 +205,31 @@ async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
     rollout: Rollout, tmp_path: Path
 ) -> None:
     # the webhook is registered once, whatever the number of calls
-    again = await asyncio.to_thread(
-        ensure_webhook, rollout.tracking_uri, rollout.hook_url, "rtinfer-local-webhook-secret"
-    )
+    secret = rollout.settings.lifecycle.webhook_secret.get_secret_value()  # type: ignore[union-attr]
+    again = await asyncio.to_thread(ensure_webhook, rollout.tracking_uri, rollout.hook_url, secret)
     hooks = [h for h in rollout.mlflow.list_webhooks() if h.url == rollout.hook_url]
     assert [h.webhook_id for h in hooks] == [again]
 
-    # 1. two new versions: MLflow's signed deliveries promote the newest, which serves
-    # within seconds while a load runs through a gateway, without a failed request
+    # 1. version 1 (already in production) is unchanged; a new version 2 only shadows: it is
+    # mirrored to, never answers
     assert await rollout.register(tmp_path, 1) == "1"
+    assert await rollout.applied("created", 1) == ("unchanged", "mlflow-webhook")
+    assert await rollout.register(tmp_path, 2) == "2"
+    assert await rollout.applied("created", 2) == ("shadow", "mlflow-webhook")
+    assert await rollout.champion() == "1"
+    shadows = await rollout.rows(
+        "SELECT model_version FROM model_deployments WHERE model_name = %s AND is_active "
+        "AND is_shadow",
+        MODEL,
+    )
+    assert shadows == [("2",)]
+
+    # 2. the champion alias on version 2 promotes it: served within seconds while a load runs
+    # through a gateway, without a failed request
     async with gateway_client(rollout) as client, LoadLoop(client, MODEL, concurrency=4) as load:
         await asyncio.sleep(0.5)
         started = time.monotonic()
-        assert await rollout.register(tmp_path, 2) == "2"
+        await asyncio.to_thread(rollout.mlflow.set_registered_model_alias, MODEL, "champion", "2")
         while first_answer(load.samples, "2") is None:
             assert time.monotonic() - started < 60, Summary.of(load.samples)
             await asyncio.sleep(0.05)
@@ -225,10 +237,10 @@ async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
     first = first_answer(load.samples, "2")
     assert first is not None
     summary = Summary.of(load.samples)
-    print(f"\nMLflow registration -> serving {first.finished - started:.2f}s; load {summary}")
+    print(f"\nMLflow champion alias -> serving {first.finished - started:.2f}s; load {summary}")
     assert summary.non_2xx == 0, summary
     assert flips_back(load.samples, "1", "2") == []
-    assert await rollout.applied("created", 2) == ("promoted", "mlflow-webhook")
+    assert await rollout.applied("alias:champion", 2) == ("promoted", "mlflow-webhook")
     assert await rollout.champion() == "2"
     deliveries = await rollout.rows(
         "SELECT event, model_version FROM mlflow_webhook_deliveries WHERE model_name = %s",
@@ -236,19 +248,21 @@ async def test_registry_events_roll_out_once_by_webhook_and_by_reconcile(
     )
     assert ("model_version.created", 2) in deliveries
 
-    # 2. the champion alias moved back to version 1 (a rollback decided in the registry)
+    # 3. the champion alias moved back to version 1 (a rollback decided in the registry)
     await asyncio.to_thread(rollout.mlflow.set_registered_model_alias, MODEL, "champion", "1")
     assert await rollout.applied("alias:champion", 1) == ("promoted", "mlflow-webhook")
     assert await rollout.champion() == "1"
 
-    # 3. a version registered while the webhook receiver is down is found by reconcile
+    # 4. a version registered while the webhook receiver is down is found by reconcile (and,
+    # like any new version, shadows)
     rollout.server.should_exit = True
     await asyncio.wait_for(rollout.serving, 60)
     assert await rollout.register(tmp_path, 3) == "3"
     await rollout.sync.reconcile()
-    assert await rollout.applied("created", 3) == ("promoted", "mlflow-reconcile")
-    assert await rollout.champion() == "3"
+    assert await rollout.applied("created", 3) == ("shadow", "mlflow-reconcile")
+    assert await rollout.champion() == "1"
 
-    # every state was applied once: nothing left to do, one deploy per version and alias
+    # every state was applied once: nothing left to do; version 2 was deployed twice
+    # (shadow, then champion), version 3 once
     assert await rollout.sync.reconcile() == []
-    assert [await rollout.deploys_started(v) for v in (2, 3)] == [1, 1]
+    assert [await rollout.deploys_started(v) for v in (2, 3)] == [2, 1]

@@ -15,7 +15,7 @@ from mlflow.entities.webhook import Webhook, WebhookEvent
 from mlflow.webhooks import delivery
 
 from gateway.lifecycle.deployer import DeployRequest, Outcome
-from gateway.lifecycle.errors import SmokeTestFailed
+from gateway.lifecycle.errors import NothingToDo, SmokeTestFailed
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing, VersionInfo
 from gateway.lifecycle.sync_store import PENDING, AppliedState
@@ -178,10 +178,16 @@ ACTIONS = {"promote": "promoted", "canary": "canary", "shadow": "shadow"}
 
 
 class FakeDeployer:
-    def __init__(self, fail_versions: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        fail_versions: frozenset[int] = frozenset(),
+        nothing_to_do: frozenset[int] = frozenset(),
+    ) -> None:
         self.requests: list[DeployRequest] = []
         self.source_files: list[list[str]] = []
         self.fail_versions = fail_versions
+        #: versions that already serve production (a shadow of them has nothing to do)
+        self.nothing_to_do = nothing_to_do
 
     async def deploy(self, req: DeployRequest) -> Outcome:
         self.requests.append(req)
@@ -190,6 +196,8 @@ class FakeDeployer:
         await asyncio.sleep(0.01)
         if req.version in self.fail_versions:
             raise SmokeTestFailed(f"{req.model} version {req.version}: golden example 0 off")
+        if req.version in self.nothing_to_do:
+            raise NothingToDo(f"{req.model} version {req.version} already serves production")
         return Outcome(req.model, req.version, ACTIONS[req.mode], 42, "1", None, {})
 
     async def wait_settled(self, timeout_s: float | None = None) -> None:

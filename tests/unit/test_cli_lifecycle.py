@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -70,11 +69,15 @@ def deployer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeDeployer:
         fake.seen.append(settings)
         yield fake
 
-    state = SimpleNamespace(
-        postgres=SimpleNamespace(port=55432),
-        triton_ports=SimpleNamespace(grpc_url="127.0.0.1:58001"),
+    state = stack_mod.StackState(
         model_repository=str(tmp_path),
         target="cpu",
+        models=[],
+        redis=stack_mod.ServiceState(pid=1, port=56379, log=""),
+        triton=stack_mod.ServiceState(pid=1, port=58000, log=""),
+        triton_grpc_port=58001,
+        triton_metrics_port=58002,
+        postgres=stack_mod.ServiceState(pid=1, port=55432, log=""),
     )
     monkeypatch.setattr(gateway.runtime, "open_deployer", open_deployer)
     monkeypatch.setattr(stack_mod, "require_running", lambda settings: state)

@@ -70,9 +70,7 @@ def test_a_signed_delivery_is_accepted_deployed_and_a_redelivery_is_a_duplicate(
     while not store.rows or store.rows[-1]["outcome"] == "pending":
         assert time.monotonic() < deadline, store.rows
         time.sleep(0.01)
-    assert [(r.model, r.version, r.mode) for r in deployer.requests] == [
-        ("fraud_xgb", 2, "promote")
-    ]
+    assert [(r.model, r.version, r.mode) for r in deployer.requests] == [("fraud_xgb", 2, "shadow")]
     metrics = client.get("/metrics").text
     assert 'rtinfer_deployer_webhook_deliveries_total{outcome="accepted"} 1.0' in metrics
     assert 'rtinfer_deployer_webhook_deliveries_total{outcome="duplicate"} 1.0' in metrics
@@ -145,3 +143,17 @@ def test_a_download_is_laid_out_as_a_version_directory(
     ]
     assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["3"]
     assert calls[0]["artifact_uri"] == info.source
+
+
+@pytest.mark.parametrize("secret", [None, "", "short-secret"])
+def test_the_deployer_refuses_to_start_without_a_real_webhook_secret(secret: str | None) -> None:
+    lc = LifecycleSettings(
+        managed_models=("fraud_xgb",),
+        webhook_secret=SecretStr(secret) if secret is not None else None,
+    )
+    store, deployer = FakeStore(), FakeDeployer()
+    registry = CollectorRegistry()
+    sync = RegistrySync(lc, deployer, store, FakeRegistry(), SyncMetrics(registry))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="webhook_secret must be set"):
+        create_deployer_app(Settings(lifecycle=lc), deployer, sync, metrics_registry=registry)  # type: ignore[arg-type]
+    assert LifecycleSettings().webhook_secret is None  # no secret ships in the code

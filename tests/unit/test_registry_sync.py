@@ -31,7 +31,9 @@ LC = LifecycleSettings(managed_models=("fraud_xgb", "fraud_nn"), canary_pct=10.0
 @pytest.mark.parametrize(
     ("lc", "model", "alias", "tags", "mode", "pct"),
     [
-        (LC, "fraud_xgb", None, {}, "promote", None),
+        (LC, "fraud_xgb", None, {}, "shadow", 100.0),  # the default: mirrored, never served
+        (LC, "fraud_xgb", None, {"rtinfer.shadow_sample_pct": "20"}, "shadow", 20.0),
+        (LC.model_copy(update={"on_register": "promote"}), "fraud_xgb", None, {}, "promote", None),
         (LC.model_copy(update={"on_register": "canary"}), "fraud_xgb", None, {}, "canary", 10.0),
         (LC, "fraud_xgb", "champion", {"rtinfer.traffic_pct": "30"}, "promote", None),
         (LC, "fraud_xgb", "canary", {}, "canary", 10.0),
@@ -126,7 +128,7 @@ CREATED_2 = RegistryEvent("d-1", "model_version.created", "fraud_xgb", version=2
 
 
 @run_async
-async def test_a_new_version_is_downloaded_and_promoted_once() -> None:
+async def test_a_new_version_is_downloaded_and_shadowed_once() -> None:
     store, registry, deployer = (
         FakeStore(),
         FakeRegistry(listing("fraud_xgb", [1, 2])),
@@ -141,13 +143,13 @@ async def test_a_new_version_is_downloaded_and_promoted_once() -> None:
     await sync.reconcile()
     await sync.handle(CREATED_2)
     assert [(r.model, r.version, r.mode, r.trigger) for r in deployer.requests] == [
-        ("fraud_xgb", 2, "promote", "mlflow-webhook")
+        ("fraud_xgb", 2, "shadow", "mlflow-webhook")
     ]
     (req,) = deployer.requests
     assert req.detail["delivery_id"] == "d-1" and req.detail["mlflow_run_id"] == "run2"
     assert deployer.source_files == [["metadata.json"]]
     assert not req.source.exists()  # type: ignore[union-attr]  # the download is cleaned up
-    assert store.outcomes()[-1] == ("fraud_xgb", "created", 2, "promoted")
+    assert store.outcomes()[-1] == ("fraud_xgb", "created", 2, "shadow")
 
 
 @run_async
@@ -186,7 +188,7 @@ async def test_a_failed_deploy_is_recorded_once_and_a_new_version_acts_again() -
     registry.listings["fraud_xgb"] = listing("fraud_xgb", [3, 4])
     await sync.reconcile()
     assert [r.version for r in deployer.requests] == [3, 4]
-    assert store.outcomes()[-1] == ("fraud_xgb", "created", 4, "promoted")
+    assert store.outcomes()[-1] == ("fraud_xgb", "created", 4, "shadow")
 
 
 @run_async
@@ -242,3 +244,13 @@ async def test_unmanaged_models_and_unknown_aliases_are_recorded_as_ignored() ->
         ("fraud_xgb", "alias:qa", "ignored"),
     ]
     assert "not a managed model" in store.rows[0]["detail"]["reason"]
+
+
+@run_async
+async def test_a_registered_version_already_serving_production_is_unchanged() -> None:
+    store, registry = FakeStore(), FakeRegistry(listing("fraud_xgb", [1]))
+    deployer = FakeDeployer(nothing_to_do=frozenset({1}))
+    sync = _sync(store, registry, deployer)
+    await sync.reconcile()
+    assert store.outcomes() == [("fraud_xgb", "created", 1, "unchanged")]
+    assert "already serves" in store.rows[0]["detail"]["reason"]

@@ -10,7 +10,15 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from rtinfer.render import PIPELINES, RenderError, Serving, pinned_name, render_repository
+from rtinfer.render import (
+    PIPELINES,
+    RenderError,
+    Serving,
+    class_prior_fallback,
+    pinned_name,
+    render_repository,
+    served_models,
+)
 from rtinfer.settings import BatchingSettings, Settings
 
 
@@ -80,16 +88,24 @@ def test_every_model_has_bounded_dynamic_batching(repo: Path) -> None:
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
 
 
-def test_default_bounds_the_pipeline_entry_queue(repo: Path) -> None:
-    """Admission is bounded at feature_assembler, the first step of every ensemble."""
-    models = render_repository(repo, Settings(), "cpu")
-    for name in models:
-        config = _parse(repo / name / "config.pbtxt")
-        if config.platform == "ensemble":
-            assert config.ensemble_scheduling.step[0].model_name == "feature_assembler"
-            continue
-        has_policy = config.dynamic_batching.HasField("default_queue_policy")
-        assert has_policy == (name == "feature_assembler"), name
+def test_no_queue_policy_by_default_and_entry_bounds_the_pipeline_entry(repo: Path) -> None:
+    """Triton 2.51 stalls bursts behind any queue policy: none by default; ``entry`` bounds
+    admission at feature_assembler, the first step of every ensemble."""
+    for policy, bounded in (("none", set()), ("entry", {"feature_assembler"})):
+        settings = Settings(batching=BatchingSettings(queue_policy=policy))  # type: ignore[arg-type]
+        models = render_repository(repo, settings, "cpu")
+        assert Settings().batching.queue_policy == "none"
+        for name in models:
+            config = _parse(repo / name / "config.pbtxt")
+            if config.platform == "ensemble":
+                assert config.ensemble_scheduling.step[0].model_name == "feature_assembler"
+                continue
+            has_policy = config.dynamic_batching.HasField("default_queue_policy")
+            assert has_policy == (name in bounded), (policy, name)
+
+
+def test_served_models_lists_what_rendering_loads(repo: Path) -> None:
+    assert served_models(repo) == render_repository(repo, Settings(), "cpu")
 
 
 def test_ensembles_reference_rendered_models_with_matching_tensors(repo: Path) -> None:
@@ -174,3 +190,43 @@ def test_inconsistent_serving_file_is_a_clear_error(repo: Path) -> None:
     Serving(2, (1,), ()).save(repo, "fraud_xgb")
     with pytest.raises(RenderError, match="champion"):
         render_repository(repo, Settings(), "cpu")
+
+
+def test_served_models_follow_the_serving_files(repo: Path) -> None:
+    _with_threshold(repo, "fraud_xgb", 2, 0.4)
+    Serving(2, (1, 2), (2,)).save(repo, "fraud_xgb")
+    models = render_repository(repo, Settings(), "cpu")
+    assert served_models(repo) == models
+    assert models[-2:] == ["fraud_xgb_postprocess__v2", "fraud_xgb_pipeline__v2"]
+
+
+def _stats_prior(repo: Path, model: str, version: int, prior: float) -> None:
+    path = repo / model / str(version) / "training_stats.json"
+    stats = json.loads(path.read_text())
+    stats["class_prior"] = prior
+    path.write_text(json.dumps(stats))
+
+
+def test_class_prior_fallback_comes_from_the_answering_versions_training_stats(
+    repo: Path,
+) -> None:
+    _with_threshold(repo, "fraud_xgb", 2, 0.4)
+    _stats_prior(repo, "fraud_xgb", 2, 0.0625)
+    Serving(1, (1, 2), (2,)).save(repo, "fraud_xgb")
+    render_repository(repo, Settings(), "cpu")
+    v1 = json.loads((repo / "fraud_xgb" / "1" / "training_stats.json").read_text())
+    assert class_prior_fallback(repo, "fraud_xgb_pipeline__v2", Settings()) == {
+        "type": "class_prior",
+        "score": 0.0625,
+        "threshold": 0.4,
+        "source": "training_stats",
+        "versions": {"fraud_xgb": "2"},
+    }
+    champion = class_prior_fallback(repo, "fraud_xgb_pipeline", Settings())
+    assert champion is not None and champion["versions"] == {"fraud_xgb": "1"}
+    assert champion["score"] == pytest.approx(v1["class_prior"], abs=1e-6)
+    assert champion["score"] != 0.035  # not the seed catalog's constant
+    blend = class_prior_fallback(repo, "fraud_blend_pipeline", Settings())
+    assert blend is not None and set(blend["versions"]) == {"fraud_xgb", "fraud_nn"}  # type: ignore[arg-type]
+    for unknown in ("other_pipeline", "fraud_blend_pipeline__v2", "fraud_xgb_pipeline__vx"):
+        assert class_prior_fallback(repo, unknown, Settings()) is None
