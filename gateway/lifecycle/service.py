@@ -28,10 +28,13 @@ from starlette.responses import Response
 from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import Deployer
+from gateway.lifecycle.fallback_sync import align_fallbacks
 from gateway.lifecycle.mlflow_hooks import parse_event, verify_delivery
 from gateway.lifecycle.mlflow_registry import MlflowRegistry
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.sync_store import SyncStore
+from gateway.lifecycle.triton_repo import TritonRepository
+from gateway.lifecycle.watchdog import ModelWatchdog
 from gateway.responses import OrjsonResponse
 from gateway.runtime import open_deployer as open_lifecycle_deployer
 from rtinfer.mlflow_server import tracking_uri
@@ -41,7 +44,8 @@ log = logging.getLogger(__name__)
 
 #: MLflow's registry payloads are small; anything larger is not one
 MAX_WEBHOOK_BODY_BYTES = 256 * 1024
-DEFAULT_SECRET = LifecycleSettings.model_fields["webhook_secret"].default.get_secret_value()
+#: shortest webhook secret accepted (HMAC keys shorter than this are guessable)
+MIN_SECRET_CHARS = 16
 #: how long shutdown waits for drains and unloads in progress
 SHUTDOWN_SETTLE_S = 10.0
 
@@ -63,6 +67,7 @@ class DeployerRuntime:
     sync: RegistrySync
     metrics_registry: CollectorRegistry
     watcher: Watcher | None
+    watchdog: Watcher | None = None
 
 
 def load_watcher(settings: Settings, deployer: Deployer) -> Watcher:
@@ -87,6 +92,10 @@ async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
     async with open_lifecycle_deployer(
         settings, wait_s=gw.postgres_connect_timeout_s * 3, registry=registry
     ) as deployer:
+        try:
+            await align_fallbacks(deployer.pool, deployer.repository, settings)
+        except Exception:  # the catalog keeps serving as it is; the next start retries
+            log.exception("aligning fallbacks with the training statistics failed")
         sync = RegistrySync(
             lc,
             deployer,
@@ -95,7 +104,22 @@ async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
             SyncMetrics(registry),
         )
         watcher = load_watcher(settings, deployer) if lc.watch else None
-        yield DeployerRuntime(deployer.pool, deployer, sync, registry, watcher)
+        if not lc.watchdog:
+            yield DeployerRuntime(deployer.pool, deployer, sync, registry, watcher)
+            return
+        probes = TritonRepository(gw.triton_grpc_url)
+        try:
+            watchdog = ModelWatchdog(
+                probes,
+                deployer.pool,
+                registry,
+                deployer.repository,
+                interval_s=lc.watchdog_interval_s,
+                probe_timeout_s=lc.watchdog_probe_timeout_s,
+            )
+            yield DeployerRuntime(deployer.pool, deployer, sync, registry, watcher, watchdog)
+        finally:
+            await probes.close()
 
 
 def _router() -> APIRouter:
@@ -179,6 +203,19 @@ class _State:
     started: bool = False
 
 
+def webhook_secret(lifecycle: LifecycleSettings) -> str:
+    """The configured webhook secret; the deployer does not start without a usable one."""
+    configured = lifecycle.webhook_secret
+    secret = configured.get_secret_value() if configured is not None else ""
+    if len(secret) < MIN_SECRET_CHARS:
+        raise ValueError(
+            "lifecycle.webhook_secret must be set to at least "
+            f"{MIN_SECRET_CHARS} characters (RTINFER_LIFECYCLE__WEBHOOK_SECRET): without it "
+            "forged MLflow deliveries cannot be told apart; `rtinfer stack up` generates one"
+        )
+    return secret
+
+
 def create_deployer_app(
     settings: Settings,
     deployer: Deployer,
@@ -186,34 +223,30 @@ def create_deployer_app(
     *,
     metrics_registry: CollectorRegistry,
     watcher: Watcher | None = None,
+    watchdog: Watcher | None = None,
 ) -> FastAPI:
     """The deployer service app over ``deployer`` and ``sync`` (which uses ``deployer``).
 
     The lifespan starts the reconcile loop and ``watcher`` and stops them, waiting for
     webhook work in progress; it does not close ``deployer`` (``open_deployer`` does).
     """
-    secret = settings.lifecycle.webhook_secret.get_secret_value()
-    if not secret:
-        raise ValueError(
-            "lifecycle.webhook_secret is empty: unsigned deliveries cannot be told apart"
-        )
-    if secret == DEFAULT_SECRET:
-        log.warning("lifecycle.webhook_secret is the built-in local default; set your own")
+    secret = webhook_secret(settings.lifecycle)
     state = _State(settings, secret, sync, metrics_registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sync.start()
+        background = [w for w in (watcher, watchdog) if w is not None]
         try:
-            if watcher is not None:
-                await watcher.start()
+            for task in background:
+                await task.start()
             try:
                 state.started = True
                 yield
             finally:
                 state.started = False
-                if watcher is not None:
-                    await watcher.close()
+                for task in reversed(background):
+                    await task.close()
         finally:
             await sync.close()
             try:  # drains/unloads started by this process: bounded, the stack stops us

@@ -227,6 +227,21 @@ class TritonRepository:
         labels = [decode(v) for v in np.asarray(result.as_numpy("label")).reshape(-1)]
         return np.asarray(result.as_numpy("prediction")).reshape(-1), labels
 
+    async def probe(self, model: str, version: int | None, timeout_s: float) -> None:
+        """One row of neutral inputs (zeros, ``probe`` strings, booleans true) through
+        ``model`` (``version``, or the one Triton picks); raises with Triton's message."""
+        try:
+            meta = await self._client.get_model_metadata(model, client_timeout=timeout_s)
+            inputs = [_probe_input(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+            await self._client.infer(
+                model,
+                inputs,
+                model_version=str(version) if version is not None else "",
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise self._error(exc, model) from None
+
     def _error(
         self, exc: InferenceServerException, what: str, loading: bool = False
     ) -> LifecycleError:
@@ -240,3 +255,18 @@ class TritonRepository:
         if loading:
             return ModelLoadFailed(f"{where}: {text}")
         return LifecycleError(f"{where} failed ({status or 'no status'}): {text}")
+
+
+_PROBE_DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT32": np.int32, "INT64": np.int64}
+
+
+def _probe_input(name: str, datatype: str, shape: list[int]) -> grpcclient.InferInput:
+    dims = [1 if d < 0 else d for d in shape] or [1]
+    tensor = grpcclient.InferInput(name, dims, datatype)
+    if datatype == "BYTES":
+        tensor.set_data_from_numpy(np.full(dims, b"probe", dtype=object))
+    elif datatype == "BOOL":
+        tensor.set_data_from_numpy(np.ones(dims, dtype=bool))
+    else:
+        tensor.set_data_from_numpy(np.zeros(dims, dtype=_PROBE_DTYPES.get(datatype, np.float32)))
+    return tensor
