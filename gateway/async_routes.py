@@ -8,8 +8,9 @@ a callback URL must pass the address check now (422 naming ``callback_url``); wo
 it again before every delivery.
 
 ``GET /predict/{model}/async/{token}`` reads the result a worker stored in Redis; see
-:mod:`gateway.async_token` for how ``pending`` and ``unknown`` are told apart without any
-write at submit time.
+:mod:`gateway.async_token` for how ``pending`` is told from an unknown job without any write
+at submit time. A job is visible only to the API key that submitted it (and to admin keys):
+for any other key it is 404 ``job_not_found``, exactly as an unknown or expired token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -26,7 +28,7 @@ from gateway.async_config import secret_bytes
 from gateway.async_metrics import AsyncDoorMetrics
 from gateway.async_results import ResultStore, ResultStoreError
 from gateway.async_schemas import AsyncAccepted, AsyncJob, AsyncPredictRequest, AsyncStatus
-from gateway.async_token import issue_token, may_be_pending, read_token
+from gateway.async_token import NO_OWNER, issue_token, may_be_pending, may_read, read_token
 from gateway.callback_url import (
     CallbackUrlError,
     parse_callback_url,
@@ -34,8 +36,15 @@ from gateway.callback_url import (
     resolve_callback,
 )
 from gateway.confirmed_producer import ConfirmedProducer, DeliveryFailed
-from gateway.deps import Authenticate
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, UpstreamUnavailable
+from gateway.deps import Authenticate, is_admin
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    UpstreamUnavailable,
+)
+from gateway.guards import PRINCIPAL, auth_guard
 from gateway.metrics import GatewayMetrics
 from gateway.responses import OrjsonResponse
 from gateway.runtime import kafka_bootstrap, result_store_url
@@ -59,6 +68,32 @@ class EnqueueUnavailable(GatewayError):
 
 class ResultStoreUnavailable(GatewayError):
     status, code = 503, "result_store_unavailable"
+
+
+class AsyncJobNotFound(NotFound):
+    """No job of this model with this token that the caller may read (or it expired)."""
+
+    code = "job_not_found"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who polls or submits: ``key_id`` None on a gateway without authentication."""
+
+    key_id: str | None
+    is_admin: bool = False
+
+    @property
+    def owner(self) -> str:
+        return self.key_id if self.key_id is not None else NO_OWNER
+
+    @classmethod
+    def of(cls, request: Request, authenticated: bool) -> Caller:
+        if not authenticated:
+            return cls(None)
+        principal = getattr(request.state, PRINCIPAL, None)
+        key_id = getattr(principal, "key_id", None)
+        return cls(str(key_id) if key_id is not None else NO_OWNER, is_admin(principal))
 
 
 class AsyncPredictDoor:
@@ -98,7 +133,7 @@ class AsyncPredictDoor:
         return self._producer
 
     async def submit(
-        self, model_name: str, body: AsyncPredictRequest, request_id: str
+        self, model_name: str, body: AsyncPredictRequest, request_id: str, caller: Caller
     ) -> AsyncAccepted:
         if body.callback_url is not None:
             try:
@@ -109,7 +144,7 @@ class AsyncPredictDoor:
                 )
             except CallbackUrlError as exc:
                 raise InvalidRequest(f"callback_url: {exc}") from None
-        token = issue_token(self._token_key, model_name)
+        token = issue_token(self._token_key, model_name, caller.owner)
         job = AsyncJob(
             job_id=token.job_id,
             token=token.text,
@@ -117,6 +152,7 @@ class AsyncPredictDoor:
             request=body.prediction_request(request_id),
             callback_url=body.callback_url,
             submitted_at=time.time(),
+            submitted_by=caller.key_id,
         )
         try:
             partition, offset = await self._jobs().send(
@@ -150,11 +186,11 @@ class AsyncPredictDoor:
             poll_url=f"/predict/{model_name}/async/{token.text}",
         )
 
-    async def status(self, model_name: str, text: str) -> AsyncStatus | bytes:
-        """The stored result's JSON (as the callback got it), else pending or unknown."""
+    async def status(self, model_name: str, text: str, caller: Caller) -> AsyncStatus | bytes:
+        """The stored result's JSON (as the callback got it), else pending; else 404."""
         token = read_token(self._token_key, model_name, text)
-        if token is None:
-            return AsyncStatus(token=text, status="unknown", model_name=model_name)
+        if token is None or not may_read(token, caller.key_id, caller.is_admin):
+            raise AsyncJobNotFound(_not_found(model_name))
         assert self._store is not None
         try:
             stored = await self._store.get(token.job_id)
@@ -166,7 +202,14 @@ class AsyncPredictDoor:
             return AsyncStatus(
                 token=text, status="pending", model_name=model_name, submitted_at=token.issued_at
             )
-        return AsyncStatus(token=text, status="unknown", model_name=model_name)
+        raise AsyncJobNotFound(_not_found(model_name))
+
+
+def _not_found(model_name: str) -> str:
+    return (
+        f"no async job of {model_name} with this token for this API key (unknown, issued for "
+        "another key or model, or older than the result TTL)"
+    )
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -187,17 +230,8 @@ def _require_model(request: Request, model_name: str) -> None:
 
 def build_async_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
     router = APIRouter()
-    guarded: list[Any] = []
-    if authenticate is not None:
-
-        async def auth(request: Request) -> None:
-            started = time.perf_counter()
-            try:
-                await authenticate(request)
-            finally:
-                metrics.stage_seconds.labels("auth").observe(time.perf_counter() - started)
-
-        guarded = [Depends(auth)]
+    authenticated = authenticate is not None
+    guarded: list[Any] = [Depends(auth_guard(metrics, authenticate))] if authenticated else []
 
     @router.post(
         "/predict/{model_name}/async",
@@ -218,7 +252,9 @@ def build_async_router(metrics: GatewayMetrics, authenticate: Authenticate | Non
         )
         request.state.request_id = request_id
         _require_model(request, model_name)
-        accepted = await _door(request).submit(model_name, body, request_id)
+        accepted = await _door(request).submit(
+            model_name, body, request_id, Caller.of(request, authenticated)
+        )
         return OrjsonResponse(
             accepted.model_dump(),
             status_code=202,
@@ -228,14 +264,15 @@ def build_async_router(metrics: GatewayMetrics, authenticate: Authenticate | Non
     @router.get(
         "/predict/{model_name}/async/{token}",
         response_model=AsyncStatus,
-        responses=_errors(401, 429, 503),
+        responses=_errors(401, 404, 429, 503),
         dependencies=guarded,
         summary="Status and result of an async prediction",
-        description="pending, done (result as the sync predict's body), failed (error) or "
-        "unknown (not a token issued for this model, or older than the result TTL).",
+        description="pending, done (result as the sync predict's body) or failed (error). "
+        "404 job_not_found: not a token issued for this model, issued to another API key "
+        "(admin keys read every job), or older than the result TTL.",
     )
     async def poll(model_name: str, token: str, request: Request) -> Response:
-        found = await _door(request).status(model_name, token)
+        found = await _door(request).status(model_name, token, Caller.of(request, authenticated))
         if isinstance(found, bytes):
             return Response(found, media_type="application/json")
         return OrjsonResponse(found.model_dump())

@@ -10,7 +10,7 @@ from gateway.callback_url import MAX_URL_LENGTH, CallbackUrlError, parse_callbac
 from gateway.schemas import ErrorDetail, PredictRequest, PredictResponse
 
 #: what a poll (and a callback) reports about a job
-JobStatus = Literal["pending", "done", "failed", "unknown"]
+JobStatus = Literal["pending", "done", "failed"]
 JOB_SCHEMA_VERSION = 1
 
 
@@ -69,7 +69,7 @@ class AsyncStatus(BaseModel):
     token: str
     status: JobStatus = Field(
         description="pending: queued or running; done: result holds the prediction; failed: "
-        "error says why; unknown: not a token of this model, or expired."
+        "error says why."
     )
     model_name: str
     request_id: str | None = None
@@ -89,3 +89,5 @@ class AsyncJob(BaseModel):
     request: PredictRequest
     callback_url: str | None = None
     submitted_at: float
+    #: API key id of the submitter (None without authentication)
+    submitted_by: str | None = None

@@ -19,10 +19,12 @@ import httpx
 import pytest
 from callback_receiver import CallbackReceiver
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from pydantic import SecretStr
 
 from gateway.app import create_app
 from gateway.async_config import AsyncPredictSettings
 from gateway.async_token import issue_token
+from gateway.auth import create_api_key, parse_token
 from gateway.callback_signature import verify_signature
 from gateway.config import GatewaySettings
 from rtinfer.kafka_server import DAY_MS, TopicSpec, admin_client, ensure_topics
@@ -259,20 +261,21 @@ async def test_unknown_model_and_bad_callbacks_are_refused_before_queueing(
         r = await client.post(f"/predict/{MODEL}/async", json={"entity_ids": {}})
         assert r.status_code == 422 and "entity_ids.user_id" in r.json()["error"]["message"]
 
-        # tokens: a valid one never queued reads pending, anything else unknown
+        # tokens: a valid one never queued reads pending, anything else is not found
         key = TOKEN_SECRET.encode()
         never_queued = issue_token(key, MODEL).text
         r = await client.get(f"/predict/{MODEL}/async/{never_queued}")
         assert r.status_code == 200 and r.json()["status"] == "pending"
-        version, job, issued, mac = never_queued.split(".")
+        version, job, issued, owner, mac = never_queued.split(".")
         for token, model in [
             (never_queued, "fraud_nn"),  # issued for another model
-            (f"{version}.{job}.{issued}.{'0' * len(mac)}", MODEL),  # forged
+            (f"{version}.{job}.{issued}.{owner}.{'0' * len(mac)}", MODEL),  # forged
             ("garbled", MODEL),
             (issue_token(key, MODEL, now=time.time() - 200_000).text, MODEL),  # past the TTL
         ]:
             r = await client.get(f"/predict/{model}/async/{token}")
-            assert r.status_code == 200 and r.json()["status"] == "unknown", token
+            assert r.status_code == 404, token
+            assert r.json()["error"]["code"] == "job_not_found", token
     after = await asyncio.to_thread(high_watermarks, setup.bootstrap, topic)
     assert after == before  # nothing was queued
     assert receiver.snapshot() == []
@@ -397,3 +400,38 @@ async def test_stack_up_runs_a_worker_on_the_default_topic(
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{worker.port}/metrics")).text
     assert metric(text, "rtinfer_async_jobs_completed_total") >= 1
+
+
+async def test_a_result_is_read_only_with_the_submitting_key_or_an_admin_key(
+    setup: AsyncSetup, worker: ManagedProcess, running_stack: StackState
+) -> None:
+    assert running_stack.postgres is not None
+    conninfo = setup.settings.gateway.postgres_dsn.get_secret_value()  # type: ignore[union-attr]
+    tokens = {
+        name: create_api_key(conninfo, f"async-{name}-{uuid.uuid4().hex[:6]}", is_admin=admin)[1]
+        for name, admin in (("a", False), ("b", False), ("ops", True))
+    }
+    gw = setup.settings.gateway.model_copy(
+        update={"auth": "api_key", "redis_url": SecretStr(running_stack.redis_url)}
+    )
+    settings = setup.settings.model_copy(update={"gateway": gw})
+
+    def as_key(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {tokens[name]}"}
+
+    async with gateway(settings) as client:
+        token = await submit(client, None, headers=as_key("a"))
+        assert token.split(".")[3] == parse_token(tokens["a"])[0]  # bound to key a
+
+        async def done() -> bool:
+            r = await client.get(f"/predict/{MODEL}/async/{token}", headers=as_key("a"))
+            return r.status_code == 200 and r.json()["status"] == "done"
+
+        await eventually(done, 30, "the job's result")
+        mine = await client.get(f"/predict/{MODEL}/async/{token}", headers=as_key("a"))
+        other = await client.get(f"/predict/{MODEL}/async/{token}", headers=as_key("b"))
+        admin = await client.get(f"/predict/{MODEL}/async/{token}", headers=as_key("ops"))
+        unknown = await client.get(f"/predict/{MODEL}/async/garbled", headers=as_key("b"))
+    assert other.status_code == 404 and other.json() == unknown.json()  # as for no such job
+    assert other.json()["error"]["code"] == "job_not_found"
+    assert admin.status_code == 200 and admin.content == mine.content
