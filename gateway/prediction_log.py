@@ -1,8 +1,13 @@
 """The prediction log: one Kafka message per prediction, spooled to disk when Kafka cannot take it.
 
 ``log(record)`` runs on the gateway's event loop right after a response is computed. It
-serializes the record and hands it to librdkafka's in-memory queue (``produce`` never does
-network I/O), so it costs tens of microseconds and never raises. Two background threads do
+serializes the record, appends it to an on-disk *journal* (one ``write(2)``, never ``fsync``) and
+hands it to librdkafka's in-memory queue (``produce`` never does network I/O), so it costs
+tens of microseconds and never raises. The journal is what a ``kill -9`` cannot take away:
+a record stays in it until Kafka confirmed it or it reached the spool, and a process opening
+the same spool slot after a crash moves what the journal still holds into the spool, so
+records queued in librdkafka's memory (during ``linger_ms``, or for up to
+``message_timeout_s`` while Kafka is away) survive the process. Two background threads do
 the rest:
 
 * the *pump* serves librdkafka's delivery reports (``poll``): a confirmed message is counted,
@@ -21,6 +26,7 @@ so a shutdown while Kafka is down loses nothing. Delivery is at least once: see
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -47,6 +53,10 @@ except ImportError:  # optional: several times faster than json
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: sub-directory of the spool slot holding the journal of records in flight
+JOURNAL_DIR = "journal"
+#: how often the pump persists the journal's acknowledged position
+JOURNAL_ACK_INTERVAL_S = 0.2
 
 #: errors a retry cannot fix; such a record is dropped (and counted), not spooled forever
 PERMANENT_ERRORS = frozenset(
@@ -65,6 +75,8 @@ COUNTERS: dict[str, str] = {
     "spooled": "Prediction records written to the on-disk spool.",
     "replayed": "Spooled prediction records delivered to Kafka on replay.",
     "dropped": "Prediction records lost: unserializable, permanently rejected or spool full.",
+    "recovered": "Records a crashed process left in flight, moved from its journal to the spool.",
+    "unjournaled": "Prediction records the journal could not take (sent without crash safety).",
 }
 
 
@@ -144,6 +156,42 @@ class _Stats:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+
+class _InFlight:
+    """Journal positions of records not yet confirmed or spooled; settles them in any order
+    and tells the oldest position before which every record is settled."""
+
+    def __init__(self, first_ordinal: int) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, SpoolEntry] = {}
+        self._settled: set[int] = set()
+        self._next = first_ordinal
+        self._last: SpoolEntry | None = None
+
+    def add(self, entry: SpoolEntry) -> None:
+        with self._lock:
+            self._entries[entry.ordinal] = entry
+
+    def settle(self, ordinal: int | None) -> None:
+        if ordinal is None:
+            return
+        with self._lock:
+            self._settled.add(ordinal)
+            while self._next in self._settled and self._next in self._entries:
+                self._settled.remove(self._next)
+                self._last = self._entries.pop(self._next)
+                self._next += 1
+
+    def take_settled(self) -> SpoolEntry | None:
+        """The newest position everything before which is settled, once."""
+        with self._lock:
+            last, self._last = self._last, None
+            return last
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
 
 
 class _ReplayBatch:
@@ -238,8 +286,9 @@ class KafkaPredictionLog:
             **(producer_config or {}),
         }
         self._stats = _Stats()
-        # records produce() refused (queue full); the pump moves them to the spool
-        self._overflow: collections.deque[bytes] = collections.deque()
+        # records produce() refused (queue full) with their journal ordinal; the pump moves
+        # them to the spool
+        self._overflow: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self._stop = threading.Event()
         self._fatal = threading.Event()
         self._closed = False
@@ -247,16 +296,32 @@ class KafkaPredictionLog:
         self._pending_replay: _ReplayBatch | None = None
         self._spool = Spool(spool_dir, max_bytes=spool_max_bytes)
         try:
+            self._journal = Spool(
+                Path(spool_dir) / JOURNAL_DIR,
+                max_bytes=spool_max_bytes,
+                durable=False,  # appended on the event loop: never wait on the disk
+                rotate_when_caught_up=False,
+            )
+        except BaseException:
+            self._spool.close()
+            raise
+        try:
+            self._recover_journal()
+            self._in_flight = _InFlight(self._journal.next_ordinal)
+            self._journal_acked_at = time.monotonic()
             self._producer = Producer(self._config)
         except BaseException:
+            self._journal.close()
             self._spool.close()
             raise
         self._pump = threading.Thread(target=self._pump_loop, name="plog-pump", daemon=True)
         self._replayer = threading.Thread(target=self._replay_loop, name="plog-replay", daemon=True)
         self._pump.start()
         self._replayer.start()
+        self._registry = registry
+        self._collector = _PrometheusCollector(self)
         if registry is not None:
-            registry.register(_PrometheusCollector(self))
+            registry.register(self._collector)
 
     # -- the request path ----------------------------------------------------------------
 
@@ -273,21 +338,36 @@ class KafkaPredictionLog:
             if _every_power_of_two(self._stats.add("dropped")):
                 log.exception("prediction record dropped (not serializable or log closed)")
             return
+        ordinal = self._journal_append(value)
         try:
-            self._producer.produce(topic, value, key, on_delivery=self._on_delivery)
+            self._producer.produce(
+                topic, value, key, on_delivery=functools.partial(self._on_delivery, ordinal)
+            )
             self._stats.add("produced")
         except BufferError:  # librdkafka's queue is full: Kafka has been away for a while
             self._stats.add("failed")
-            self._to_overflow(value)
+            self._to_overflow(value, ordinal)
         except KafkaException as exc:
             err = exc.args[0]
             if isinstance(err, KafkaError) and err.code() in PERMANENT_ERRORS:
-                self._drop(f"rejected by the producer: {err}")
+                self._drop(f"rejected by the producer: {err}", ordinal=ordinal)
             else:
                 self._stats.add("failed")
-                self._to_overflow(value)
+                self._to_overflow(value, ordinal)
         except Exception:
-            self._drop("produce failed unexpectedly", exc_info=True)
+            self._drop("produce failed unexpectedly", exc_info=True, ordinal=ordinal)
+
+    def _journal_append(self, value: bytes) -> int | None:
+        """Journal the record; its ordinal, or None when the journal cannot take it (the
+        record still goes to Kafka, only without crash protection)."""
+        try:
+            entry = self._journal.append(value)
+        except (SpoolError, ValueError) as exc:
+            if _every_power_of_two(self._stats.add("unjournaled")):
+                log.error("prediction log journal refused a record: %s", exc)
+            return None
+        self._in_flight.add(entry)
+        return entry.ordinal
 
     def stats(self) -> dict[str, int]:
         """Counters since start (see ``COUNTERS``) plus the spool's depth and size."""
@@ -295,6 +375,7 @@ class KafkaPredictionLog:
             **self._stats.snapshot(),
             "spool_depth": self._spool.depth,
             "spool_bytes": self._spool.size_bytes,
+            "in_flight": len(self._in_flight),
         }
 
     # -- shutdown ------------------------------------------------------------------------
@@ -319,12 +400,16 @@ class KafkaPredictionLog:
         if self._pending_replay is not None:
             self._finish_replay(self._pending_replay)
         self._drain_overflow()
+        self._ack_journal()
+        self._journal.close()
         self._spool.close()
         log.info("prediction log closed: %s", self.stats())
+        if self._registry is not None:  # a log opened later on this registry takes its names
+            self._registry.unregister(self._collector)
 
     # -- delivery reports and the spool (pump thread, or close) --------------------------
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_delivery(self, ordinal: int | None, err: KafkaError | None, msg: Message) -> None:
         try:
             if err is None:
                 self._stats.add("delivered")
@@ -341,6 +426,8 @@ class KafkaPredictionLog:
                     self._to_spool(value)
         except Exception:  # an exception here would surface in poll() instead
             log.exception("delivery report handling failed")
+        finally:
+            self._in_flight.settle(ordinal)
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -353,15 +440,17 @@ class KafkaPredictionLog:
         else:
             log.warning("prediction log producer error: %s", err)
 
-    def _to_overflow(self, value: bytes) -> None:
+    def _to_overflow(self, value: bytes, ordinal: int | None) -> None:
         if len(self._overflow) >= self._max_overflow:
-            self._drop("the overflow queue is full")
+            self._drop("the overflow queue is full", ordinal=ordinal)
         else:
-            self._overflow.append(value)
+            self._overflow.append((value, ordinal))
 
     def _drain_overflow(self) -> None:
         while self._overflow:
-            self._to_spool(self._overflow.popleft())
+            value, ordinal = self._overflow.popleft()
+            self._to_spool(value)
+            self._in_flight.settle(ordinal)
 
     def _to_spool(self, value: bytes) -> None:
         try:
@@ -373,7 +462,8 @@ class KafkaPredictionLog:
         else:
             self._stats.add("spooled")
 
-    def _drop(self, reason: str, exc_info: bool = False) -> None:
+    def _drop(self, reason: str, exc_info: bool = False, ordinal: int | None = None) -> None:
+        self._in_flight.settle(ordinal)
         n = self._stats.add("dropped")
         if _every_power_of_two(n):
             log.error(
@@ -385,12 +475,35 @@ class KafkaPredictionLog:
         producer.purge(in_queue=True, in_flight=True)
         producer.flush(5.0)  # purged messages report at once
 
+    def _ack_journal(self) -> None:
+        """Persist the journal position before which every record is confirmed or spooled."""
+        settled = self._in_flight.take_settled()
+        if settled is not None:
+            self._journal.ack(settled)
+        self._journal_acked_at = time.monotonic()
+
+    def _recover_journal(self) -> None:
+        """Move what a previous owner of this slot left in flight into the spool."""
+        moved = 0
+        while entries := self._journal.read(self._replay_batch):
+            for entry in entries:
+                self._to_spool(entry.payload)
+            self._journal.ack(entries[-1])
+            moved += len(entries)
+        if moved:
+            self._stats.add("recovered", moved)
+            log.warning(
+                "moved %d in-flight prediction records of a crashed process to the spool", moved
+            )
+
     def _pump_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._producer.poll(0.05)
                 self._drain_overflow()
                 self._spool.sync_if_due()
+                if time.monotonic() - self._journal_acked_at >= JOURNAL_ACK_INTERVAL_S:
+                    self._ack_journal()
                 if self._fatal.is_set():
                     self._replace_producer()
             except Exception:
@@ -497,4 +610,9 @@ class _PrometheusCollector:
             "rtinfer_prediction_log_spool_bytes",
             "Bytes of the prediction log's spool on disk.",
             value=stats["spool_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "rtinfer_prediction_log_in_flight",
+            "Journaled prediction records Kafka has not confirmed yet (nor the spool taken).",
+            value=stats["in_flight"],
         )

@@ -115,12 +115,21 @@ class Spool:
         segment_bytes: int = 8 << 20,
         fsync_every: int = 100,
         fsync_interval_s: float = 0.05,
+        durable: bool = True,
+        rotate_when_caught_up: bool = True,
     ) -> None:
+        """``durable=False``: never ``fsync`` (records and acks survive a process crash, as
+        every ``write`` reaches the page cache at once, but not an OS crash): for a journal
+        appended from a latency-sensitive thread, which must never wait on the disk.
+        ``rotate_when_caught_up=False``: an ack of everything keeps writing the same segment
+        (deleted once full and acknowledged) instead of starting a new file each time."""
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.fsync_every = fsync_every
         self.fsync_interval_s = fsync_interval_s
+        self.durable = durable
+        self.rotate_when_caught_up = rotate_when_caught_up
         self._bad_lines: set[tuple[int, int]] = set()  # (segment, offset) of skipped lines
         self._lock = threading.Lock()
         self._closed = False
@@ -160,8 +169,9 @@ class Spool:
 
     # -- writing -------------------------------------------------------------------------
 
-    def append(self, payload: bytes) -> None:
-        """Store one record (a single line of bytes, no newline)."""
+    def append(self, payload: bytes) -> SpoolEntry:
+        """Store one record (a single line of bytes, no newline); return its position
+        (``payload`` left empty), which :meth:`ack` takes."""
         line = _encode(payload)
         with self._lock:
             self._check_open()
@@ -183,19 +193,22 @@ class Spool:
                     os.ftruncate(self._fd, size)
                 raise SpoolError(f"writing to spool {self.directory} failed: {exc}") from exc
             self._sizes[self._active] = size + len(line)
+            entry = SpoolEntry(b"", self._active, size + len(line), self._next_ordinal)
             self._next_ordinal += 1
             self._unsynced += 1
-            if (
+            if self.durable and (
                 self._unsynced >= self.fsync_every
                 or time.monotonic() - self._last_sync >= self.fsync_interval_s
             ):
                 self._sync()
+            return entry
 
     def sync_if_due(self) -> None:
         """``fsync`` if records are unsynced and ``fsync_interval_s`` has passed."""
         with self._lock:
             if (
-                not self._closed
+                self.durable
+                and not self._closed
                 and self._unsynced
                 and time.monotonic() - self._last_sync >= self.fsync_interval_s
             ):
@@ -223,11 +236,19 @@ class Spool:
             self._ack_segment, self._ack_offset = entry.segment, entry.end_offset
             self._acked_ordinal = entry.ordinal + 1
             self._write_ack()
-            if entry.segment == self._active and entry.end_offset >= self._sizes[self._active]:
-                self._rotate()  # caught up: start afresh so the old file can go
+            caught_up = (
+                entry.segment == self._active and entry.end_offset >= self._sizes[self._active]
+            )
+            if caught_up and self.rotate_when_caught_up:
+                self._rotate()  # start afresh so the old file can go
             self._delete_acknowledged(active=self._active)
 
     # -- state ---------------------------------------------------------------------------
+
+    @property
+    def next_ordinal(self) -> int:
+        """The ordinal the next appended record gets."""
+        return self._next_ordinal
 
     @property
     def depth(self) -> int:
@@ -252,7 +273,8 @@ class Spool:
                 return
             self._closed = True
             try:
-                os.fsync(self._fd)
+                if self.durable:
+                    os.fsync(self._fd)
             finally:
                 os.close(self._fd)
                 self._lock_fh.close()  # releases the flock
@@ -284,11 +306,13 @@ class Spool:
             self.directory / _segment_name(seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
         )
         self._sizes[seq] = os.fstat(fd).st_size
-        _fsync_dir(self.directory)  # the new file's name survives a power loss
+        if self.durable:
+            _fsync_dir(self.directory)  # the new file's name survives a power loss
         return fd
 
     def _rotate(self) -> None:
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._unsynced = 0
         self._last_sync = time.monotonic()
@@ -339,7 +363,8 @@ class Spool:
         with tmp.open("w") as fh:
             fh.write(f"{self._ack_segment} {self._ack_offset}\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            if self.durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, self.directory / ACK_FILE)
 
     def _delete_acknowledged(self, active: int | None) -> None:

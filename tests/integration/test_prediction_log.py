@@ -8,7 +8,6 @@ import logging
 import random
 import struct
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from kafka_broker import Broker, running_broker_with_topics
+from kafka_reader import consume_all
 
 from gateway.prediction_log import KafkaPredictionLog
 
@@ -66,41 +65,6 @@ def make_record(request_id: str, i: int, arm: str = "prod") -> dict[str, Any]:
 def expected_message(record: dict[str, Any]) -> dict[str, Any]:
     packed = struct.pack(f"<{len(record['features'])}f", *record["features"])
     return {**record, "schema_version": 1, "feature_hash": hashlib.sha256(packed).hexdigest()}
-
-
-def consume_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[dict[str, Any]]:
-    """Every message now in ``topic`` (all partitions, start to high watermark), decoded."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        high = {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        pending = {p for p, offset in high.items() if offset > 0}
-        values: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            assert time.monotonic() < deadline, f"{topic}: partitions {pending} not read in time"
-            msg = consumer.poll(0.5)
-            if msg is None:
-                continue
-            assert msg.error() is None, msg.error()
-            value = json.loads(msg.value())
-            assert msg.key() == value["request_id"].encode()
-            values.append(value)
-            if msg.offset() + 1 >= high[msg.partition()]:
-                pending.discard(msg.partition())
-        return values
-    finally:
-        consumer.close()
 
 
 def request_ids(values: list[dict[str, Any]], prefix: str) -> Counter[str]:
@@ -271,3 +235,74 @@ def test_close_while_broker_down_spools_and_next_instance_replays(
 
     counts = request_ids(consume_all(broker.bootstrap, "predictions"), "shutdown-")
     assert set(counts) == {r["request_id"] for r in records} | {"shutdown-warmup"}
+
+
+_KILLED_WRITER = """
+import json, sys, time
+from gateway.prediction_log import KafkaPredictionLog
+bootstrap, spool, prefix, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+plog = KafkaPredictionLog(bootstrap, spool_dir=spool, linger_ms=float(sys.argv[5]))
+for i in range(n):
+    plog.log({"request_id": f"{prefix}{i:04d}", "model_name": "fraud_xgb", "arm": "prod",
+              "prediction": 0.5, "features": [0.0] * 50})
+print(json.dumps(plog.stats()), flush=True)
+time.sleep(600)  # killed before it can close (and flush or spool) anything
+"""
+
+
+def _logged_then_killed(
+    broker: Broker, spool: Path, prefix: str, n: int, linger_ms: float
+) -> dict[str, int]:
+    """A process logs ``n`` records and is SIGKILLed right after; returns its last stats."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, broker.bootstrap, str(spool), prefix, str(n),
+         str(linger_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        stats = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    return stats  # type: ignore[no-any-return]
+
+
+def test_records_in_flight_survive_a_kill_while_the_broker_is_down(
+    running_broker: Broker, tmp_path: Path
+) -> None:
+    """kill -9 within the 30 s message timeout: nothing was spooled yet, the journal has it."""
+    broker, spool = running_broker, tmp_path / "spool"
+    broker.stop()
+    stats = _logged_then_killed(broker, spool, "killed-down-", 200, linger_ms=5)
+    assert (stats["produced"], stats["spooled"], stats["in_flight"]) == (200, 0, 200)
+    broker.start()
+    successor = KafkaPredictionLog(broker.bootstrap, spool_dir=spool, replay_interval_s=0.2)
+    try:
+        assert successor.stats()["recovered"] == 200
+        stats = wait_for_stat(successor, "spool_depth", 0, timeout_s=60)
+    finally:
+        successor.close(timeout_s=10)
+    assert (stats["replayed"], stats["dropped"]) == (200, 0)
+    counts = request_ids(consume_all(broker.bootstrap, "predictions"), "killed-down-")
+    assert set(counts) == {f"killed-down-{i:04d}" for i in range(200)}
+    assert max(counts.values()) == 1  # nothing was delivered before the kill: exactly once
+
+
+def test_records_lingering_in_memory_survive_a_kill_with_the_broker_up(
+    running_broker: Broker, tmp_path: Path
+) -> None:
+    """kill -9 while records wait in librdkafka's linger: at least once, none lost."""
+    broker, spool = running_broker, tmp_path / "spool"
+    _logged_then_killed(broker, spool, "killed-up-", 300, linger_ms=1000)
+    successor = KafkaPredictionLog(broker.bootstrap, spool_dir=spool, replay_interval_s=0.2)
+    try:
+        wait_for_stat(successor, "spool_depth", 0, timeout_s=60)
+    finally:
+        successor.close(timeout_s=10)
+    counts = request_ids(consume_all(broker.bootstrap, "predictions"), "killed-up-")
+    assert set(counts) == {f"killed-up-{i:04d}" for i in range(300)}
