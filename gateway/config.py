@@ -51,6 +51,14 @@ class GatewaySettings(BaseModel):
     triton_max_batch_rows: int = Field(
         32, ge=1, le=64, description="Most rows per coalesced call (ensembles take 64)."
     )
+    triton_call_grace_ms: float = Field(
+        1000.0,
+        ge=0,
+        le=60_000,
+        description="How long a Triton call may outlive the deadlines of its rows (which get "
+        "the fallback at their deadline): calls end with Triton's answer instead of a "
+        "cancellation (docs/gateway.md).",
+    )
     triton_ready_timeout_s: float = Field(
         1.0, gt=0, description="Timeout of Triton readiness and repository-index calls."
     )
@@ -93,6 +101,22 @@ class GatewaySettings(BaseModel):
     )
     redis_url: SecretStr | None = Field(
         None, description="Rate-limit Redis URL; default: the local stack's (settings.redis)."
+    )
+    feature_store_url: SecretStr | None = Field(
+        None,
+        description="The online feature store the health endpoint PINGs (Triton's assembler "
+        "reads it); default: the local stack's Redis (settings.redis).",
+    )
+    health_dir: Path | None = Field(
+        None,
+        description="Where gateway workers share their health counters (one file each); "
+        "default: <state_dir>/gateway/health-<port>.",
+    )
+    health_check_ttl_s: float = Field(
+        2.0,
+        gt=0,
+        description="Probes and the feature-store PING of the health endpoint run "
+        "at most this often per endpoint.",
     )
     rate_limit_burst: float = Field(
         2.0, gt=0, description="Bucket size as a multiple of the key's per-second rate."

@@ -37,6 +37,8 @@ class GatewayError(Exception):
         self.message = message
         #: set once the per-request log line for this error has been written
         self.logged = False
+        #: raised again without calling upstream (``gateway.endpoint_guard``)
+        self.failed_fast = False
 
     @property
     def headers(self) -> dict[str, str]:

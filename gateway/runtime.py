@@ -13,6 +13,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -84,11 +85,26 @@ def result_store_url(settings: Settings) -> str:
     return url.get_secret_value() if url is not None else settings.redis.url
 
 
-def open_prediction_log(settings: Settings) -> PredictionLog:
+def feature_store_url(settings: Settings) -> str:
+    """``gateway.feature_store_url``, else the local stack's Redis (what the assembler reads)."""
+    url = settings.gateway.feature_store_url
+    return url.get_secret_value() if url is not None else settings.redis.url
+
+
+def health_dir(settings: Settings) -> Path:
+    """Where the workers of this gateway share their health counters."""
+    gw = settings.gateway
+    return gw.health_dir or settings.state_dir / "gateway" / f"health-{gw.port}"
+
+
+def open_prediction_log(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> PredictionLog:
     """The configured prediction log; Kafka with a spool slot of its own per worker process.
 
     Slots (``slot-0``, ``slot-1``, ...) are claimed by lock, so a restarted worker takes over
-    a slot a previous process left and replays what it had spooled.
+    a slot a previous process left and replays what it had spooled. Its counters and spool
+    gauges (``rtinfer_prediction_log_*``) are exported through ``registry``.
     """
     gw = settings.gateway
     if gw.prediction_log == "discard":
@@ -98,7 +114,10 @@ def open_prediction_log(settings: Settings) -> PredictionLog:
     for slot in range(MAX_SPOOL_SLOTS):
         try:
             return KafkaPredictionLog(
-                bootstrap, spool_dir=root / f"slot-{slot}", linger_ms=gw.prediction_log_linger_ms
+                bootstrap,
+                spool_dir=root / f"slot-{slot}",
+                linger_ms=gw.prediction_log_linger_ms,
+                registry=registry,
             )
         except SpoolLockedError:
             continue
@@ -154,6 +173,7 @@ async def open_serving_core(
         metrics,
         max_calls=gw.triton_max_calls,
         max_batch_rows=gw.triton_max_batch_rows,
+        call_grace_s=gw.triton_call_grace_ms / 1000.0,
     )
     catalog = Catalog(
         pool,
@@ -163,7 +183,7 @@ async def open_serving_core(
     )
     owned_log = prediction_log is None
     if prediction_log is None:
-        prediction_log = open_prediction_log(settings)
+        prediction_log = open_prediction_log(settings, metrics.registry)
     service: PredictionService | None = None
     try:
         await pool.open(wait=False)

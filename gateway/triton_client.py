@@ -12,8 +12,17 @@ row gets the 422.
 
 Inputs: ``user_id``, ``merchant_id`` BYTES [1, 1] and ``context`` FP32 [1, 10]; outputs:
 prediction, label, confidence, degraded, degraded_reason, imputed_count, features. Every call
-carries a client timeout (the request's remaining budget) and the request id as Triton's
-request id. gRPC failures become typed gateway errors with Triton's message kept:
+carries the request's remaining budget as Triton's own request ``timeout`` (microseconds; the
+ensemble passes it to each step, the postprocess step bounds its fallback call by it, and a
+model whose queue policy allows the override drops the request from its queue once it
+expires) and the request id as Triton's request id. Rows stop waiting at their deadline, but
+the gRPC call itself may run ``call_grace_s`` longer: a call is not cancelled just because
+its callers gave up, so Triton's real answer (an error that opens the guard) is still seen,
+and a burst of late answers does not become a burst of RST_STREAMs, which Triton's gRPC
+server answers by closing the whole connection. The channel reconnects within ~0.1 s when it
+is closed anyway. An
+:class:`~gateway.endpoint_guard.EndpointGuard` fails calls to an endpoint fast while Triton
+reports it broken. gRPC failures become typed gateway errors with Triton's message kept:
 
 ==================================  ===============================================
 gRPC status                         error
@@ -21,7 +30,8 @@ gRPC status                         error
 UNAVAILABLE (refused, unreachable)  UpstreamUnavailable (503, fallback may serve)
 NOT_FOUND (model not loaded)        ModelNotReady (503, fallback may serve)
 RESOURCE_EXHAUSTED (queue full)     UpstreamOverloaded (503, fallback may serve)
-DEADLINE_EXCEEDED                   DeadlineExceeded (504, fallback may serve)
+DEADLINE_EXCEEDED, UNAVAILABLE with   DeadlineExceeded (504, fallback may serve)
+"Request timeout expired"
 INVALID_ARGUMENT                    InvalidRequest (422)
 anything else                       UpstreamError (503, fallback may serve)
 ==================================  ===============================================
@@ -37,8 +47,10 @@ from dataclasses import dataclass, field
 
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
+from gateway.endpoint_guard import EndpointGuard
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -49,7 +61,29 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.metrics import GatewayMetrics
-from rtinfer.client import OUTPUTS, ensemble_inputs
+from rtinfer.client import CONTEXT_FEATURES, OUTPUTS, ensemble_inputs
+
+#: entity ids of guard and health probes (never logged; unknown entities get defaults)
+PROBE_ENTITY = "__rtinfer_probe__"
+#: Triton's message when a queued request outlived its ``timeout``
+QUEUE_TIMEOUT_MESSAGE = "Request timeout expired"
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's default channel options, plus a fast reconnect: a connection the
+    server closed comes back after 0.1-1 s instead of gRPC's default 1-120 s backoff."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
 
 
 @dataclass(frozen=True)
@@ -103,23 +137,45 @@ class TritonClient:
         *,
         max_calls: int = 4,
         max_batch_rows: int = 32,
+        call_grace_s: float = 1.0,
     ) -> None:
         if max_calls < 1 or max_batch_rows < 1:
             raise ValueError("max_calls and max_batch_rows must be at least 1")
         self.url = url
-        self._client = grpcaio.InferenceServerClient(url)
+        self._client = grpcaio.InferenceServerClient(url, channel_args=channel_args())
+        self._call_grace_s = call_grace_s
         self._metrics = metrics
         self._requested = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         self._max_calls = max_calls
         self._max_batch_rows = max_batch_rows
         self._lanes: dict[str, _Lane] = {}
         self._calls: set[asyncio.Task[None]] = set()
+        self.guard = EndpointGuard(self.probe, metrics)
+        self._probes = 0
 
     async def close(self) -> None:
+        await self.guard.close()
         for task in list(self._calls):
             task.cancel()
         await asyncio.gather(*self._calls, return_exceptions=True)
         await self._client.close()
+
+    async def probe(self, endpoint: str, timeout_s: float) -> InferenceResult:
+        """One probe row through ``endpoint``, outside the lanes and the guard. Its entity id
+        is new each time, so the assembler's hot-entity cache cannot answer for Redis."""
+        loop = asyncio.get_running_loop()
+        self._probes += 1
+        entity = f"{PROBE_ENTITY}{self._probes}"
+        row = _Row(
+            entity,
+            entity,
+            [float("nan")] * len(CONTEXT_FEATURES),
+            "probe",
+            time.monotonic() + timeout_s,
+            loop.create_future(),
+        )
+        (result,) = await self._infer_rows(endpoint, [row], grace_s=0.0)
+        return result
 
     async def infer(
         self,
@@ -134,6 +190,7 @@ class TritonClient:
         """Score one row with the ensemble ``endpoint`` (coalesced with concurrent rows)."""
         if timeout_s <= 0:
             raise DeadlineExceeded(f"triton {self.url} ({endpoint}): no time left for the call")
+        self.guard.check(endpoint)
         loop = asyncio.get_running_loop()
         row = _Row(
             user_id,
@@ -150,6 +207,7 @@ class TritonClient:
             # shield: a row giving up must not cancel the call its neighbours ride on
             return await asyncio.wait_for(asyncio.shield(row.future), timeout_s)
         except asyncio.TimeoutError:
+            self.guard.timed_out(endpoint)
             raise DeadlineExceeded(
                 f"triton {self.url} ({endpoint}): no answer within the deadline"
             ) from None
@@ -187,9 +245,12 @@ class TritonClient:
                     except GatewayError as err:
                         _fail(row, err)
                 return
+            self.guard.succeeded(endpoint)
             for row, result in zip(rows, results, strict=True):
                 _settle(row, result)
         except GatewayError as err:
+            if not isinstance(err, InvalidRequest):
+                self.guard.failed(endpoint, err)
             for row in rows:
                 _fail(row, err)
         except BaseException as err:  # cancelled on close, or a bug: never strand a caller
@@ -201,8 +262,11 @@ class TritonClient:
             lane.in_flight -= 1
             self._dispatch(endpoint, lane)
 
-    async def _infer_rows(self, endpoint: str, rows: list[_Row]) -> list[InferenceResult]:
-        """One Triton request for ``rows``; the call's timeout is the latest row deadline."""
+    async def _infer_rows(
+        self, endpoint: str, rows: list[_Row], grace_s: float | None = None
+    ) -> list[InferenceResult]:
+        """One Triton request for ``rows``: Triton's ``timeout`` is the latest row deadline,
+        the gRPC deadline ``grace_s`` (default ``call_grace_s``) later."""
         inputs = ensemble_inputs(
             grpcclient,
             [r.user_id for r in rows],
@@ -215,13 +279,15 @@ class TritonClient:
         )
         started = time.perf_counter()
         outcome = "ok"
+        budget_s = max(timeout_s, 0.001)
         try:
             result = await self._client.infer(
                 endpoint,
                 inputs,
                 outputs=self._requested,
                 request_id=request_id,
-                client_timeout=max(timeout_s, 0.001),
+                timeout=max(1, int(budget_s * 1e6)),
+                client_timeout=budget_s + (self._call_grace_s if grace_s is None else grace_s),
             )
         except InferenceServerException as exc:
             error = self._map_error(exc, endpoint)
@@ -265,6 +331,15 @@ class TritonClient:
         except InferenceServerException as exc:
             raise self._map_error(exc, endpoint) from None
 
+    async def ensemble_steps(self, endpoint: str, timeout_s: float) -> list[tuple[str, int]]:
+        """(model, version) of each step of ensemble ``endpoint``; -1: the newest loaded."""
+        try:
+            response = await self._client.get_model_config(endpoint, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise self._map_error(exc, endpoint) from None
+        steps = response.config.ensemble_scheduling.step
+        return [(step.model_name, int(step.model_version)) for step in steps]
+
     async def model_states(self, timeout_s: float) -> list[ModelState]:
         """Every model version in Triton's repository index (loaded or not)."""
         try:
@@ -279,7 +354,7 @@ class TritonClient:
         where = f"triton {self.url} ({endpoint})"
         if status.endswith("INVALID_ARGUMENT"):
             return InvalidRequest(f"rejected by {endpoint}: {text}")
-        if status.endswith("DEADLINE_EXCEEDED"):
+        if status.endswith("DEADLINE_EXCEEDED") or QUEUE_TIMEOUT_MESSAGE in text:
             return DeadlineExceeded(f"{where}: no answer within the deadline: {text}")
         if status.endswith("NOT_FOUND"):
             return ModelNotReady(f"{where}: model not loaded: {text}")

@@ -3,7 +3,12 @@
 A row whose online features could not be read (``feature_store_ok`` False) was scored on
 defaults, so its model output is not trusted. Such rows are re-scored by a fallback model that
 only needs request-time features (one call for all degraded rows of a batch); should the
-fallback be missing or fail, they get the training class prior.
+fallback be missing, fail or miss its deadline, they get the training class prior.
+
+The fallback either runs synchronously (``fallback=``, a callable) or is awaited by the caller
+beforehand and handed in as ``fallback_scores`` (its result, or the exception it raised):
+Triton's shell does the latter, bounding the call by the request's remaining budget
+(:func:`fallback_budget_us`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,15 @@ REASON_PREFIX = "feature_store_unavailable"
 CLASS_PRIOR = "class_prior"
 
 Fallback = Callable[[np.ndarray], np.ndarray]
+#: what an awaited fallback call gave: probabilities [k, 2], or why it failed
+FallbackScores = np.ndarray | BaseException
+
+
+def fallback_budget_us(cap_us: int, request_timeouts_us: Sequence[int]) -> int:
+    """Time the fallback call of a batch may take: ``cap_us``, or less when a request of the
+    batch carried a smaller timeout (its budget; 0 means none)."""
+    budgets = [t for t in request_timeouts_us if t > 0]
+    return min([cap_us, *budgets]) if cap_us > 0 else min(budgets, default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,23 +91,20 @@ class Postprocessor:
         feature_store_ok: np.ndarray,
         features: np.ndarray,
         fallback_indices: Sequence[int],
+        fallback_scores: FallbackScores | None = None,
     ) -> PostprocessOutput:
-        """Serve ``probabilities [rows, 2]``, re-scoring rows whose features were degraded."""
+        """Serve ``probabilities [rows, 2]``, re-scoring rows whose features were degraded
+        (with ``fallback_scores`` when the caller already ran the fallback)."""
         probs, ok, feats = self.check_inputs(probabilities, feature_store_ok, features)
+        _check_indices(fallback_indices, feats.shape[1])
         rows = probs.shape[0]
-        indices = np.asarray(fallback_indices, dtype=np.intp)
-        if indices.size and (indices.min() < 0 or indices.max() >= feats.shape[1]):
-            raise ValueError(
-                f"fallback feature indices must lie in [0, {feats.shape[1]}), "
-                f"got {indices.tolist()}"
-            )
-
         served = probs.copy()
         reasons = np.full(rows, "", dtype=object)
         degraded = ~ok
         n_degraded = int(degraded.sum())
         if n_degraded:
-            scores, reason = self._score_degraded(feats[degraded][:, indices])
+            x = self.fallback_inputs(feats, ok, fallback_indices)
+            scores, reason = self._score_degraded(x, fallback_scores)
             served[degraded] = scores
             reasons[degraded] = reason
 
@@ -109,6 +120,14 @@ class Postprocessor:
             degraded=degraded,
             degraded_reason=reasons,
         )
+
+    @staticmethod
+    def fallback_inputs(
+        features: np.ndarray, feature_store_ok: np.ndarray, fallback_indices: Sequence[int]
+    ) -> np.ndarray:
+        """The fallback model's input: the degraded rows' features at ``fallback_indices``."""
+        indices = _check_indices(fallback_indices, features.shape[1])
+        return features[~feature_store_ok][:, indices]
 
     @staticmethod
     def check_inputs(
@@ -127,13 +146,18 @@ class Postprocessor:
             raise ValueError(f"features must have shape [{rows}, n], got {list(feats.shape)}")
         return probs, ok, feats
 
-    def _score_degraded(self, x: np.ndarray) -> tuple[np.ndarray, str]:
+    def _score_degraded(
+        self, x: np.ndarray, precomputed: FallbackScores | None
+    ) -> tuple[np.ndarray, str]:
         """Probabilities ``[k, 2]`` for the degraded rows and the reason to report."""
         k = x.shape[0]
-        if self._fallback is not None:
+        if precomputed is not None or self._fallback is not None:
             self.stats.fallback_calls += 1
             try:
-                scores = np.asarray(self._fallback(x), dtype=np.float32)
+                if isinstance(precomputed, BaseException):
+                    raise precomputed
+                raw = precomputed if precomputed is not None else self._fallback(x)  # type: ignore[misc]
+                scores = np.asarray(raw, dtype=np.float32)
             except Exception:
                 self.stats.fallback_errors += 1
                 logger.exception("fallback failed, serving the class prior to %d rows", k)
@@ -148,3 +172,12 @@ class Postprocessor:
                 )
         self.stats.prior_rows += k
         return np.broadcast_to(self._prior_row, (k, 2)), self._prior_reason
+
+
+def _check_indices(fallback_indices: Sequence[int], n_features: int) -> np.ndarray:
+    indices = np.asarray(fallback_indices, dtype=np.intp)
+    if indices.size and (indices.min() < 0 or indices.max() >= n_features):
+        raise ValueError(
+            f"fallback feature indices must lie in [0, {n_features}), got {indices.tolist()}"
+        )
+    return indices

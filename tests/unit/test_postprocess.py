@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from python_backend.postprocess import Postprocessor
+from python_backend.postprocess import Postprocessor, fallback_budget_us
 
 CLASSES = ["legit", "fraud"]
 
@@ -128,3 +128,39 @@ def test_shape_errors(
 def test_rejects_bad_settings(threshold: float, names: list[str], prior: float) -> None:
     with pytest.raises(ValueError):
         Postprocessor(threshold, names, prior, fallback=None)
+
+
+def test_scores_awaited_by_the_caller_are_served_without_calling_the_fallback() -> None:
+    fallback = RecordingFallback(positive=0.1)
+    post = Postprocessor(0.5, CLASSES, 0.02, fallback=fallback, fallback_name="fraud_context_lr")
+    ok = np.array([True, False])
+    x = features(2)
+    np.testing.assert_array_equal(post.fallback_inputs(x, ok, [0, 2]), x[[1]][:, [0, 2]])
+    out = post.process(probs(0.2, 0.2), ok, x, [0, 2], fallback_scores=probs(0.95))
+    assert fallback.calls == []
+    np.testing.assert_allclose(out.prediction, [0.2, 0.95])
+    assert out.degraded_reason.tolist() == ["", "feature_store_unavailable:fraud_context_lr"]
+
+
+def test_a_fallback_that_failed_or_timed_out_gives_the_class_prior() -> None:
+    post = Postprocessor(0.5, CLASSES, 0.02, fallback=RecordingFallback(), fallback_name="lr")
+    ok = np.array([False])
+    out = post.process(probs(0.7), ok, features(1), [0], fallback_scores=TimeoutError())
+    np.testing.assert_allclose(out.prediction, [0.02])
+    assert out.degraded_reason.tolist() == ["feature_store_unavailable:class_prior"]
+    assert (post.stats.fallback_errors, post.stats.prior_rows) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("cap_us", "timeouts", "budget"),
+    [
+        (50_000, [], 50_000),  # no request carried a budget: the configured cap
+        (50_000, [0, 0], 50_000),  # 0: no timeout
+        (50_000, [80_000, 30_000], 30_000),  # the tightest budget of the batch
+        (50_000, [120_000], 50_000),  # never above the cap
+        (0, [40_000], 40_000),  # no cap configured
+        (0, [], 0),
+    ],
+)
+def test_fallback_budget(cap_us: int, timeouts: list[int], budget: int) -> None:
+    assert fallback_budget_us(cap_us, timeouts) == budget

@@ -110,8 +110,11 @@ class BatchingSettings(BaseModel):
         1_000_000, ge=1, description="Queued longer than this -> rejected (client may lower it)."
     )
     queue_policy: Literal["all", "entry", "none"] = Field(
-        "entry",
-        description="Models with the bounded queue policy: all, entry (feature_assembler), none.",
+        "none",
+        description="Models with the bounded queue policy (which also lets a request's timeout "
+        "drop it from the queue): all, entry (feature_assembler), none. On Triton 2.51 any "
+        "queue policy disables the batcher's prefetch and stalls bursts by 500 ms "
+        "(docs/benchmarks.md), so none is the default; the gateway bounds what it sends.",
     )
 
 

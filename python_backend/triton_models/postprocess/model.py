@@ -3,12 +3,15 @@
 Inputs ``probabilities`` (FP32 [rows, 2]), ``feature_store_ok`` (BOOL [rows, 1]) and
 ``features`` (FP32 [rows, n_features]); outputs ``prediction``, ``label``, ``confidence``,
 ``degraded`` and ``degraded_reason`` ([rows, 1] each). Rows scored without online features are
-re-scored by a BLS call to the ``fallback_model`` (one call per batch). The logic lives in
+re-scored by a BLS call to the ``fallback_model`` (one call per batch), awaited for at most the
+tightest remaining budget among the batch's requests (their Triton ``timeout``) and never
+longer than ``fallback_timeout_ms``; past that the class prior answers. The logic lives in
 :mod:`python_backend.postprocess`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any
@@ -17,7 +20,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend.metrics import CounterBuffer
-from python_backend.postprocess import Postprocessor, PostprocessOutput, PostprocessStats
+from python_backend.postprocess import (
+    FallbackScores,
+    Postprocessor,
+    PostprocessOutput,
+    PostprocessStats,
+    fallback_budget_us,
+)
 from python_backend.triton_config import (
     get_param,
     model_config,
@@ -34,22 +43,24 @@ class FallbackError(RuntimeError):
 
 
 class BlsFallback:
-    """Scores rows with another Triton model through a BLS request."""
+    """Scores rows with another Triton model through an async BLS request."""
 
     def __init__(self, model_name: str, input_name: str, output_name: str, timeout_ms: int) -> None:
         self.model_name = model_name
         self._input = input_name
         self._output = output_name
-        self._timeout_us = max(timeout_ms, 0) * 1000
+        self.cap_us = max(timeout_ms, 0) * 1000
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    async def score(self, x: np.ndarray, budget_us: int) -> np.ndarray:
+        """Probabilities for ``x``, or an exception once ``budget_us`` has passed."""
         request = pb_utils.InferenceRequest(
             model_name=self.model_name,
             requested_output_names=[self._output],
             inputs=[pb_utils.Tensor(self._input, np.ascontiguousarray(x, dtype=np.float32))],
-            timeout=self._timeout_us,
+            timeout=budget_us,
         )
-        response = request.exec()
+        pending = request.async_exec()
+        response = await (asyncio.wait_for(pending, budget_us / 1e6) if budget_us else pending)
         if response.has_error():
             raise FallbackError(f"{self.model_name}: {response.error().message()}")
         output = pb_utils.get_output_tensor_by_name(response, self._output)
@@ -85,6 +96,12 @@ class _Metrics:
             description="Fallback calls that failed (class prior served instead)",
             kind=counter,
         )
+        self._budget = pb_utils.MetricFamily(
+            name="rtinfer_fallback_budget_us",
+            description="Time the last fallback call was allowed (microseconds): the "
+            "tightest remaining budget of its batch, at most fallback_timeout_ms",
+            kind=pb_utils.MetricFamily.GAUGE,
+        )
         self._by_label = {
             name: self._predictions.Metric(labels={**labels, "label": name}) for name in class_names
         }
@@ -92,6 +109,8 @@ class _Metrics:
             r: self._degraded.Metric(labels={**labels, "reason": r}) for r in reasons
         }
         self._fallback_errors = self._errors.Metric(labels=labels)
+        self._last_budget = self._budget.Metric(labels=labels)
+        self.budget_us: int | None = None
         self._buffer = CounterBuffer(interval_s)
 
     def record(
@@ -116,6 +135,8 @@ class _Metrics:
         }
         for key, delta in self._buffer.drain().items():
             metrics[key].increment(delta)
+        if self.budget_us is not None:
+            self._last_budget.set(self.budget_us)
 
 
 def _invalid(message: str) -> Any:
@@ -152,11 +173,11 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 "model parameter fallback_feature_indices is required with a fallback_model"
             )
+        self._fallback = fallback
         self._post = Postprocessor(
             threshold=param_float(config, "threshold", 0.5),
             class_names=class_names,
             class_prior=param_float(config, "class_prior", 0.0),
-            fallback=fallback,
             fallback_name=fallback_model or "",
         )
         labels = {"model": args["model_name"], "version": args["model_version"]}
@@ -173,7 +194,7 @@ class TritonPythonModel:
             fallback_model or "class prior",
         )
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    async def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         batch: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
         for i, request in enumerate(requests):
@@ -183,14 +204,11 @@ class TritonPythonModel:
                 responses[i] = _invalid(str(exc))
         if not batch:
             return responses
+        probs, ok, feats = (np.concatenate([b[1][j] for b in batch]) for j in range(3))
         before = dataclasses.replace(self._post.stats)
         try:
-            out = self._post.process(
-                np.concatenate([inputs[0] for _, inputs in batch]),
-                np.concatenate([inputs[1] for _, inputs in batch]),
-                np.concatenate([inputs[2] for _, inputs in batch]),
-                self._fallback_indices,
-            )
+            scores = await self._fallback_scores(feats, ok, [requests[i] for i, _ in batch])
+            out = self._post.process(probs, ok, feats, self._fallback_indices, scores)
         except Exception as exc:
             logger.exception("postprocess failed for a batch of %d requests", len(batch))
             error = pb_utils.TritonError(f"postprocess failed: {exc}")
@@ -215,6 +233,20 @@ class TritonPythonModel:
         except Exception:
             logger.exception("publishing postprocess metrics failed")
         return responses
+
+    async def _fallback_scores(
+        self, feats: np.ndarray, ok: np.ndarray, requests: list[Any]
+    ) -> FallbackScores | None:
+        """Run the BLS fallback for the degraded rows within the batch's budget."""
+        if self._fallback is None or ok.all():
+            return None
+        x = self._post.fallback_inputs(feats, ok, self._fallback_indices)
+        budget_us = fallback_budget_us(self._fallback.cap_us, [r.timeout() for r in requests])
+        self._metrics.budget_us = budget_us
+        try:
+            return await self._fallback.score(x, budget_us)
+        except Exception as exc:  # served the class prior instead; counted as a fallback error
+            return exc
 
     def _read(self, request: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         arrays = []
