@@ -7,6 +7,8 @@ routes need is on ``app.state.gateway``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -25,9 +27,16 @@ from gateway.health import HealthTracker
 from gateway.ingress import IngressMiddleware
 from gateway.lifecycle_admin import build_lifecycle_router
 from gateway.metrics import GatewayMetrics
+from gateway.model_health import HealthChecks
 from gateway.responses import OrjsonResponse
 from gateway.routes import build_router
-from gateway.runtime import catalog_conninfo, open_deployer, open_serving_core
+from gateway.runtime import (
+    catalog_conninfo,
+    feature_store_url,
+    health_dir,
+    open_deployer,
+    open_serving_core,
+)
 from gateway.security import ApiKeyGuard
 from gateway.service import PredictionService
 from gateway.triton_client import TritonClient
@@ -52,6 +61,8 @@ class Runtime:
     metrics: GatewayMetrics
     #: runs the lifecycle admin routes
     deployer: Deployer
+    #: probes and feature-store checks of the per-model health
+    checks: HealthChecks
 
 
 def rate_limit_redis_url(settings: Settings) -> str:
@@ -59,6 +70,28 @@ def rate_limit_redis_url(settings: Settings) -> str:
     if settings.gateway.redis_url is not None:
         return settings.gateway.redis_url.get_secret_value()
     return settings.redis.url
+
+
+@asynccontextmanager
+async def _publishing(health: HealthTracker, period_s: float = 1.0) -> AsyncIterator[None]:
+    """Share this worker's health counters with the other workers while the app runs."""
+
+    async def loop() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(health.publish)
+            except OSError as exc:
+                log.warning("publishing health counters failed: %s", exc)
+            await asyncio.sleep(period_s)
+
+    task = asyncio.create_task(loop(), name="health-publish")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        health.forget()
 
 
 def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
@@ -70,7 +103,7 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     deps = deps or GatewayDeps()
     gw = settings.gateway
     metrics = GatewayMetrics()
-    health = HealthTracker()
+    health = HealthTracker(share_dir=health_dir(settings))
     authenticate = deps.authenticate
     guard: ApiKeyGuard | None = None
     if authenticate is None and gw.auth == "api_key":
@@ -103,6 +136,15 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
                     deployer = await owned.enter_async_context(
                         open_deployer(settings, registry=metrics.registry)
                     )
+                checks = HealthChecks(
+                    core.triton,
+                    health,
+                    feature_store_url(settings),
+                    ttl_s=gw.health_check_ttl_s,
+                    timeout_s=gw.triton_ready_timeout_s,
+                )
+                owned.push_async_callback(checks.close)
+                await owned.enter_async_context(_publishing(health))
                 app.state.gateway = Runtime(
                     gw,
                     core.triton,
@@ -112,6 +154,7 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
                     health,
                     metrics,
                     deployer,
+                    checks,
                 )
                 await async_door.open()
                 app.state.async_predict = async_door

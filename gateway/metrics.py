@@ -94,5 +94,19 @@ class GatewayMetrics:
             registry=reg,
         )
 
+        self.endpoint_open = Gauge(
+            "rtinfer_gateway_endpoint_open",
+            "1 while the endpoint's guard serves the fallback without calling Triton "
+            "(a non-timeout error, not yet cleared by a probe).",
+            ["endpoint"],
+            registry=reg,
+        )
+        self.endpoint_probes = Counter(
+            "rtinfer_gateway_endpoint_probes",
+            "Background probes of failing or suspect endpoints by outcome (ok, error, timeout).",
+            ["endpoint", "outcome"],
+            registry=reg,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -25,7 +24,6 @@ from gateway.schemas import (
     DeploymentInfo,
     ErrorResponse,
     FallbackInfo,
-    FeatureStoreHealth,
     ModelHealth,
     ModelInfo,
     ModelList,
@@ -34,7 +32,6 @@ from gateway.schemas import (
     ReadyStatus,
     ShadowRemoval,
     ShadowRequest,
-    TritonModelHealth,
     new_request_id,
     valid_request_id,
 )
@@ -174,14 +171,16 @@ def build_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> 
         response_model=ModelHealth,
         responses=_errors(401, 404, 429, 503),
         dependencies=guarded,
-        summary="Serving health of one model",
-        description="Triton readiness and loaded versions of each deployment, the feature "
-        "store's state inferred from degraded answers, last inference latency and the "
-        "degraded rate over the last minute.",
+        summary="Serving health of one model (for people and alerts; not a load-balancer check)",
+        description="status ok, degraded or down with the reasons. Per deployment: Triton "
+        "readiness and loaded versions, the scorer versions that answer, a probe row through "
+        "its pipeline and whether the gateway fails fast on it. The feature store is PINGed; "
+        "counters of the last minute are summed over every gateway worker. Probes and the "
+        "PING run at most once per gateway.health_check_ttl_s.",
     )
     async def model_health(model_name: str, request: Request) -> ModelHealth:
         rt = _runtime(request)
-        return await _model_health(rt, _entry(rt, model_name))
+        return await rt.checks.model(_entry(rt, model_name))
 
     @router.get("/livez", summary="The process is up")
     async def livez() -> dict[str, str]:
@@ -263,57 +262,4 @@ def _deployment_info(entry: ModelEntry, d: Deployment) -> DeploymentInfo:
             else None
         ),
         deployed_at=d.deployed_at,
-    )
-
-
-async def _model_health(rt: Runtime, entry: ModelEntry) -> ModelHealth:
-    timeout = rt.settings.triton_ready_timeout_s
-    endpoints = sorted({d.serving_endpoint for d in entry.deployments})
-    triton_error: str | None = None
-    states: dict[str, list[tuple[str, str, str]]] = {e: [] for e in endpoints}
-    ready: dict[str, bool] = dict.fromkeys(endpoints, False)
-    try:
-        for state in await rt.triton.model_states(timeout):
-            if state.name in states:
-                states[state.name].append((state.version, state.state, state.reason))
-        flags = await asyncio.gather(*(rt.triton.is_model_ready(e, timeout) for e in endpoints))
-        ready = dict(zip(endpoints, flags, strict=True))
-    except GatewayError as exc:
-        triton_error = exc.message
-    deployments = []
-    for d in entry.deployments:
-        versions = states[d.serving_endpoint]
-        deployments.append(
-            TritonModelHealth(
-                deployment_id=d.deployment_id,
-                serving_endpoint=d.serving_endpoint,
-                role=entry.routing.role(d),
-                ready=ready[d.serving_endpoint],
-                loaded_versions=[v for v, s, _ in versions if s == "READY"],
-                state=versions[0][1] if versions else None,
-                reason=next((r for _, _, r in versions if r), None),
-            )
-        )
-    stats = rt.health.stats(entry.name)
-    arms = [h for h in deployments if h.role in ("prod", "canary")]
-    feature_store = FeatureStoreHealth(
-        status=stats.feature_store_status,  # type: ignore[arg-type]
-        degraded_rate_1m=stats.feature_store_degraded_rate,
-    )
-    if triton_error is not None or not any(h.ready for h in arms):
-        status = "unavailable"
-    elif not all(h.ready for h in arms) or feature_store.status in ("impaired", "unavailable"):
-        status = "degraded"
-    else:
-        status = "ok"
-    return ModelHealth(
-        model_name=entry.name,
-        status=status,
-        triton_reachable=triton_error is None,
-        triton_error=triton_error,
-        deployments=deployments,
-        feature_store=feature_store,
-        requests_1m=stats.requests,
-        degraded_rate_1m=stats.degraded_rate,
-        last_inference_latency_ms=stats.last_inference_latency_ms,
     )

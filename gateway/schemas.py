@@ -223,32 +223,59 @@ class ModelList(BaseModel):
     catalog_loaded_at: float | None = Field(description="Unix time of the last catalog load.")
 
 
+class ProbeHealth(BaseModel):
+    """One probe row through the deployment's pipeline (cached for a few seconds)."""
+
+    ok: bool = Field(description="Triton answered (degraded or not).")
+    degraded: bool = Field(False, description="The answer was degraded (e.g. no features).")
+    degraded_reason: str | None = None
+    latency_ms: float | None = None
+    error: str | None = Field(None, description="Why Triton did not answer.")
+    age_s: float = Field(description="Seconds since the probe ran.")
+
+
 class TritonModelHealth(BaseModel):
     deployment_id: int
     serving_endpoint: str
     role: DeploymentRole
     ready: bool
-    loaded_versions: list[str] = Field(description="Versions READY in Triton.")
+    loaded_versions: list[str] = Field(description="Versions of the endpoint READY in Triton.")
+    scorer_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model -> version that answers in the endpoint's pipeline (every step but "
+        "feature assembly and postprocessing), resolved from the ensemble config and Triton's "
+        "loaded versions.",
+    )
     state: str | None = Field(description="Triton's repository-index state, e.g. READY.")
     reason: str | None = None
+    probe: ProbeHealth | None = None
+    failing_fast: bool = Field(
+        False,
+        description="The gateway serves this endpoint's fallback without calling Triton "
+        "(it answered a non-timeout error; a background probe clears it).",
+    )
 
 
 class FeatureStoreHealth(BaseModel):
-    """Inferred from the share of Triton answers degraded with feature_store_unavailable."""
+    """The online feature store (Redis) as a rate-limited PING sees it, and the share of
+    Triton answers degraded with feature_store_unavailable over the last minute."""
 
-    status: Literal["ok", "impaired", "unavailable", "unknown"] = Field(
-        description="ok: none degraded; impaired: some; unavailable: at least half; "
-        "unknown: no Triton answer in the last minute."
-    )
+    status: Literal["ok", "unavailable"] = Field(description="Result of the last check.")
+    error: str | None = None
+    latency_ms: float | None = None
+    age_s: float = Field(description="Seconds since the check ran.")
     degraded_rate_1m: float | None
 
 
 class ModelHealth(BaseModel):
     model_name: str
-    status: Literal["ok", "degraded", "unavailable"] = Field(
-        description="unavailable: no traffic arm READY in Triton (fallbacks serve); degraded: "
-        "an arm not READY or the feature store not ok; ok otherwise."
+    status: Literal["ok", "degraded", "down"] = Field(
+        description="down: Triton unreachable, or no traffic arm READY or answering its probe "
+        "(fallbacks serve); degraded: an arm not READY, failing its probe or failing fast, a "
+        "degraded probe answer, the feature store unavailable, or most answers of the last "
+        "minute degraded; ok otherwise."
     )
+    reasons: list[str] = Field(default_factory=list, description="Why the status is not ok.")
     triton_reachable: bool
     triton_error: str | None = None
     deployments: list[TritonModelHealth]
@@ -258,6 +285,7 @@ class ModelHealth(BaseModel):
     last_inference_latency_ms: float | None = Field(
         description="Latency of the last Triton inference for this model."
     )
+    gateway_workers: int = Field(description="Gateway worker processes whose counts are summed.")
 
 
 class ReadyStatus(BaseModel):

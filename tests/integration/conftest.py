@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from pydantic import SecretStr
 
 from gateway.config import GatewaySettings
 from gateway.lifecycle.config import LifecycleSettings
@@ -27,6 +28,9 @@ from rtinfer.settings import (
     Settings,
     TritonSettings,
 )
+
+#: the lifecycle stack's configured webhook secret (the session stack generates its own)
+LIFECYCLE_WEBHOOK_SECRET = "lifecycle-test-webhook-secret"
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +60,22 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def make_stack_settings() -> Callable[[Path, Path], Settings]:
+    """Settings of another private stack: (state dir, model repository) -> free ports."""
+    return _settings
+
+
+@pytest.fixture(scope="session")
 def running_stack(stack_settings: Settings) -> Iterator[stack.StackState]:
     state = stack.up(stack_settings)
     yield state
     stack.down(stack_settings)
+
+
+@pytest.fixture(scope="session")
+def live_settings(running_stack: stack.StackState, stack_settings: Settings) -> Settings:
+    """``stack_settings`` with the running stack's resolved ports (what its processes got)."""
+    return running_stack.apply(stack_settings)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +120,12 @@ def lifecycle_settings(built_repository: Path) -> Iterator[Settings]:
         yield base.model_copy(
             update={
                 "services": ["redis", "postgres", "mlflow", "triton"],
-                "lifecycle": LifecycleSettings(drain_s=1.0, watch_settle_s=1.0, deployer_port=0),
+                "lifecycle": LifecycleSettings(
+                    drain_s=1.0,
+                    watch_settle_s=1.0,
+                    deployer_port=0,
+                    webhook_secret=SecretStr(LIFECYCLE_WEBHOOK_SECRET),
+                ),
             }
         )
 

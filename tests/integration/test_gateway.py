@@ -21,10 +21,11 @@ from gateway.config import GatewaySettings
 from gateway.deps import Authenticate, GatewayDeps
 from gateway.errors import RateLimited, Unauthorized
 from rtinfer.client import FraudClient
-from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
-from rtinfer.procs import ManagedProcess, free_port
+from rtinfer.postgres_server import dsn
+from rtinfer.procs import free_port, wait_until
 from rtinfer.settings import Settings
 from rtinfer.stack import StackState
+from rtinfer.supervisor import Supervisor
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -97,9 +98,12 @@ async def serve(
 
 @pytest.fixture()
 async def gateway(
-    running_stack: StackState, stack_settings: Settings, conninfo: str
+    running_stack: StackState,
+    stack_settings: Settings,
+    conninfo: str,
+    live_settings: Settings,
 ) -> AsyncIterator[Gateway]:
-    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings = gateway_settings(live_settings, running_stack.triton_ports.grpc_url, conninfo)
     async with serve(settings) as gw:
         yield gw
 
@@ -368,18 +372,26 @@ async def _arms(gw: Gateway, users: list[str]) -> dict[str, tuple[str, str]]:
 
 
 async def test_triton_unreachable_serves_the_class_prior_not_5xx(
-    stack_settings: Settings, conninfo: str
+    stack_settings: Settings,
+    conninfo: str,
+    live_settings: Settings,
 ) -> None:
     closed = f"127.0.0.1:{free_port()}"
-    async with serve(gateway_settings(stack_settings, closed, conninfo)) as gw:
+    async with serve(gateway_settings(live_settings, closed, conninfo)) as gw:
         r = await gw.predict("fraud_xgb", BODY)
         assert r.status_code == 200, r.text
         assert r.headers["X-Prediction-Degraded"] == "true"
         out = r.json()
         assert out["degraded"] is True
         assert out["degraded_reason"] == "triton_unavailable:class_prior"
-        assert (out["prediction"], out["label"]) == (0.035, "legit")
-        assert out["confidence"] == pytest.approx(0.965)
+        # the prior of the version's training statistics (aligned by the stack's deployer)
+        (deployment,) = (await gw.client.get("/models/fraud_xgb")).json()["deployments"]
+        prior = deployment["fallback"]["score"]
+        assert prior != 0.035 and 0.0 < prior < 0.1
+        assert (out["prediction"], out["label"]) == (prior, "legit")
+        assert out["confidence"] == pytest.approx(1.0 - prior)
+        again = (await gw.predict("fraud_xgb", BODY)).json()  # refused at once now, same reason
+        assert again["degraded_reason"] == "triton_unavailable:class_prior"
         await eventually(lambda: _logged(gw, out["request_id"]), timeout_s=1.0)
         assert gw.log.records[-1]["features"] == []
 
@@ -390,13 +402,14 @@ async def test_triton_unreachable_serves_the_class_prior_not_5xx(
         assert closed in ready.json()["triton"]
 
         health = (await gw.client.get("/predict/fraud_xgb/health")).json()
-        assert (health["status"], health["triton_reachable"]) == ("unavailable", False)
+        assert (health["status"], health["triton_reachable"]) == ("down", False)
+        assert health["reasons"][0].startswith("triton unreachable")
         assert health["degraded_rate_1m"] == 1.0
 
         metrics = (await gw.client.get("/metrics")).text
         assert (
             'rtinfer_gateway_degraded_predictions_total{model="fraud_xgb",'
-            'reason="triton_unavailable:class_prior"} 1.0' in metrics
+            'reason="triton_unavailable:class_prior"} 2.0' in metrics
         )
 
         # without a fallback the typed error comes through
@@ -465,7 +478,8 @@ async def test_model_not_ready_in_triton_serves_the_fallback(
         "model_not_ready:class_prior",
     )
     health = (await gateway.client.get("/predict/fraud_blend/health")).json()
-    assert health["status"] == "unavailable" and health["triton_reachable"] is True
+    assert health["status"] == "down" and health["triton_reachable"] is True
+    assert health["reasons"] == ["no traffic arm is READY in Triton"]
     roles = {d["serving_endpoint"]: (d["role"], d["ready"]) for d in health["deployments"]}
     assert roles == {
         "fraud_missing_pipeline": ("prod", False),
@@ -500,9 +514,14 @@ async def test_metrics_health_and_readiness(gateway: Gateway) -> None:
         True,
     )
     assert (dep["loaded_versions"], dep["state"]) == (["1"], "READY")
+    assert dep["scorer_versions"] == {"fraud_xgb": "1"}  # the version that answers
+    assert dep["probe"]["ok"] and not dep["probe"]["degraded"] and not dep["failing_fast"]
     assert health["requests_1m"] == 3 and health["degraded_rate_1m"] == 0.0
-    assert health["feature_store"] == {"status": "ok", "degraded_rate_1m": 0.0}
+    store = health["feature_store"]
+    assert (store["status"], store["degraded_rate_1m"]) == ("ok", 0.0)
+    assert store["latency_ms"] > 0  # a real PING
     assert health["last_inference_latency_ms"] > 0
+    assert health["gateway_workers"] == 1
 
     ready = await gateway.client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
@@ -510,7 +529,10 @@ async def test_metrics_health_and_readiness(gateway: Gateway) -> None:
 
 
 async def test_authenticate_hook_guards_prediction_and_catalog_routes(
-    running_stack: StackState, stack_settings: Settings, conninfo: str
+    running_stack: StackState,
+    stack_settings: Settings,
+    conninfo: str,
+    live_settings: Settings,
 ) -> None:
     async def authenticate(request: Request) -> None:
         key = request.headers.get("X-API-Key")
@@ -519,7 +541,7 @@ async def test_authenticate_hook_guards_prediction_and_catalog_routes(
         if key != "good":
             raise Unauthorized("missing or unknown API key")
 
-    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings = gateway_settings(live_settings, running_stack.triton_ports.grpc_url, conninfo)
     async with serve(settings, authenticate) as gw:
         for r in (
             await gw.client.post("/predict/fraud_xgb", json={"entity_ids": 1}),
@@ -555,16 +577,20 @@ async def test_postgres_outage_keeps_the_last_catalog_then_listens_again(
 ) -> None:
     pg = running_stack.postgres
     assert pg is not None
-    stop_postgres(ManagedProcess("postgres", pg.pid, Path(pg.log)))
+    supervisor = Supervisor(stack_settings.state_dir)
+    supervisor.stop("postgres")  # its fast shutdown; a clean stop stays down
     try:
         r = await gateway.predict("fraud_blend", BODY)
         assert r.status_code == 200 and r.json()["degraded"] is False, r.text
         assert len((await gateway.client.get("/models")).json()["models"]) == 3
         assert (await gateway.client.get("/readyz")).status_code == 200
     finally:
-        restarted = start_postgres(stack_settings.state_dir / "postgres", pg.port)
-        pg.pid = restarted.pid
-        running_stack.save(stack_settings.state_dir)  # so `stack down` stops the new one
+        supervisor.start_program("postgres")
+        wait_until(
+            lambda: psycopg.pq.PGconn.ping(conninfo.encode()) == psycopg.pq.Ping.OK,
+            timeout_s=30,
+            what="postgres to accept connections",
+        )
 
     try:
         set_traffic(conninfo, "fraud_blend", 80.0)
@@ -585,14 +611,18 @@ async def test_postgres_outage_keeps_the_last_catalog_then_listens_again(
 
 
 async def test_default_prediction_log_writes_every_prediction_to_kafka(
-    running_stack: StackState, stack_settings: Settings, conninfo: str, tmp_path: Path
+    running_stack: StackState,
+    stack_settings: Settings,
+    conninfo: str,
+    tmp_path: Path,
+    live_settings: Settings,
 ) -> None:
     """Without an injected log the app logs to Kafka; each prediction appears once."""
     import orjson
     from confluent_kafka import Consumer, TopicPartition
 
     assert running_stack.kafka_bootstrap is not None
-    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings = gateway_settings(live_settings, running_stack.triton_ports.grpc_url, conninfo)
     settings.gateway.kafka_bootstrap = running_stack.kafka_bootstrap
     settings.gateway.spool_dir = tmp_path / "spool"
     ids = {f"kafka-log-{i}" for i in range(20)}
@@ -640,21 +670,25 @@ async def test_default_prediction_log_writes_every_prediction_to_kafka(
 
 
 async def test_past_max_in_flight_the_fallback_answers_at_once(
-    running_stack: StackState, stack_settings: Settings, conninfo: str
+    running_stack: StackState,
+    stack_settings: Settings,
+    conninfo: str,
+    live_settings: Settings,
 ) -> None:
-    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings = gateway_settings(live_settings, running_stack.triton_ports.grpc_url, conninfo)
     settings.gateway.max_in_flight = 2
     async with serve(settings) as gw:
         responses = await asyncio.gather(
             *(gw.predict("fraud_xgb", {**BODY, "request_id": f"shed-{i}"}) for i in range(12))
         )
         metrics = (await gw.client.get("/metrics")).text
+        (deployment,) = (await gw.client.get("/models/fraud_xgb")).json()["deployments"]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     shed = [r for r in responses if r.json()["degraded"]]
     served = [r for r in responses if not r.json()["degraded"]]
     assert served and shed, "some predictions reach Triton, the rest are shed"
     for r in shed:
         assert r.json()["degraded_reason"] == "gateway_overloaded:class_prior"
-        assert r.json()["prediction"] == CLASS_PRIOR["score"]
+        assert r.json()["prediction"] == deployment["fallback"]["score"]
         assert r.headers["X-Prediction-Degraded"] == "true"
     assert 'reason="gateway_overloaded:class_prior"' in metrics

@@ -65,11 +65,15 @@ def consume(bootstrap: str, prefix: str, want: int, timeout_s: float) -> Counter
 
 
 async def test_kafka_outage_serves_and_delivers_every_prediction_after_restart(
-    running_stack: StackState, stack_settings: Settings, broker: Broker, tmp_path: Path
+    running_stack: StackState,
+    stack_settings: Settings,
+    broker: Broker,
+    tmp_path: Path,
+    live_settings: Settings,
 ) -> None:
     assert running_stack.postgres is not None
     conninfo = dsn(stack_settings.state_dir / "postgres", running_stack.postgres.port).conninfo
-    settings = gateway_settings(stack_settings, running_stack.triton_ports.grpc_url, conninfo)
+    settings = gateway_settings(live_settings, running_stack.triton_ports.grpc_url, conninfo)
     settings.gateway.kafka_bootstrap = broker.bootstrap
     settings.gateway.spool_dir = tmp_path / "spool"
     app = create_app(settings)  # the configured Kafka prediction log

@@ -81,3 +81,29 @@ def test_rate_limited_key_gets_429_with_retry_after(
     # other keys are not affected
     _, other = create_api_key(catalog_db, "other-client")
     assert http.get("/models", headers={"X-API-Key": other}).status_code == 200
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} is not exported")
+
+
+def test_the_prediction_log_and_its_spool_are_on_metrics(
+    http: httpx.Client, catalog_db: psycopg.Connection
+) -> None:
+    before = _sample(http.get("/metrics").text, "rtinfer_prediction_log_produced_total")
+    _, token = create_api_key(catalog_db, "metrics-test")
+    r = http.post("/predict/fraud_xgb", json=BODY, headers={"X-API-Key": token})
+    assert r.status_code == 200, r.text
+    text = http.get("/metrics").text
+    assert _sample(text, "rtinfer_prediction_log_produced_total") == before + 1
+    for gauge in (
+        "rtinfer_prediction_log_spool_records",
+        "rtinfer_prediction_log_spool_bytes",
+        "rtinfer_prediction_log_in_flight",
+        "rtinfer_prediction_log_dropped_total",
+        "rtinfer_prediction_log_recovered_total",
+    ):
+        assert _sample(text, gauge) >= 0, gauge
