@@ -14,10 +14,10 @@ import tritonclient.http as httpclient
 
 from rtinfer.client import FraudClient, context_vector
 from rtinfer.features import load_demo_features
-from rtinfer.procs import ManagedProcess
-from rtinfer.redis_server import start_redis
+from rtinfer.procs import wait_until
 from rtinfer.settings import Settings
 from rtinfer.stack import StackState
+from rtinfer.supervisor import Supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +41,16 @@ def _fallback_score(repo: Path, context: dict[str, float], spec_defaults: list[f
 
 @pytest.fixture()
 def redis_down(running_stack: StackState, stack_settings: Settings) -> Iterator[None]:
-    """Stop the stack's redis-server; restart it on the same port with the features after."""
-    proc = ManagedProcess("redis", running_stack.redis.pid, Path(running_stack.redis.log))
-    proc.stop()
+    """Stop the stack's redis-server through its supervisor (it stays down: a clean stop);
+    start it again after, features reloaded."""
+    supervisor = Supervisor(stack_settings.state_dir)
+    supervisor.stop("redis")
     try:
         yield
     finally:
-        new = start_redis(stack_settings.state_dir / "redis", running_stack.redis.port)
-        running_stack.redis.pid = new.pid
-        running_stack.save(stack_settings.state_dir)  # so `stack down` stops the new one
-        client = redis.Redis.from_url(running_stack.redis_url)
+        supervisor.start_program("redis")
+        client = redis.Redis.from_url(running_stack.redis_url, socket_timeout=1)
+        wait_until(lambda: bool(client.ping()), timeout_s=15, what="redis PING")
         load_demo_features(client, seed=stack_settings.seed)
         client.close()
 

@@ -16,8 +16,10 @@ from gateway.lifecycle.mlflow_hooks import (
     TIMESTAMP_HEADER,
     sign,
 )
-from rtinfer import stack
+from gateway.secret_files import read_or_create_secret
+from rtinfer import stack, stack_status
 from rtinfer.settings import Settings
+from rtinfer.stack import WEBHOOK_SECRET_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +27,7 @@ pytestmark = pytest.mark.integration
 def test_status_reports_every_model_ready(
     running_stack: stack.StackState, stack_settings: Settings
 ) -> None:
-    status = stack.status(stack_settings)
+    status = stack_status.status(stack_settings)
     assert status["running"] is True
     assert status["redis"]["alive"] and status["redis"]["ping"]  # type: ignore[index]
     triton = status["triton"]
@@ -46,7 +48,7 @@ def test_status_reports_every_model_ready(
 def test_status_reports_catalog_and_topics(
     running_stack: stack.StackState, stack_settings: Settings
 ) -> None:
-    status = stack.status(stack_settings)
+    status = stack_status.status(stack_settings)
     postgres, kafka = status["postgres"], status["kafka"]
     assert postgres["alive"] and postgres["active_deployments"] == 3, postgres  # type: ignore[index]
     assert kafka["alive"], kafka  # type: ignore[index]
@@ -69,7 +71,7 @@ def test_deployer_runs_and_mlflow_delivers_signed_events_to_it(
     running_stack: stack.StackState, stack_settings: Settings
 ) -> None:
     assert running_stack.deployer is not None and running_stack.mlflow_uri is not None
-    deployer = stack.status(stack_settings)["deployer"]
+    deployer = stack_status.status(stack_settings)["deployer"]
     assert deployer["alive"] and deployer["readyz"]["status"] == "ready", deployer  # type: ignore[index]
     client = MlflowClient(running_stack.mlflow_uri, running_stack.mlflow_uri)
     url = f"http://{stack_settings.lifecycle.deployer_host}:{running_stack.deployer.port}"
@@ -94,7 +96,10 @@ def test_deployer_refuses_forged_and_stale_deliveries_and_dedupes_by_delivery_id
         f"http://{stack_settings.lifecycle.deployer_host}:{running_stack.deployer.port}"
         "/hooks/mlflow"
     )
-    secret = stack_settings.lifecycle.webhook_secret.get_secret_value()
+    # no secret configured: `stack up` generated one into the state dir (and MLflow has it)
+    assert stack_settings.lifecycle.webhook_secret is None
+    secret = read_or_create_secret(stack_settings.state_dir / WEBHOOK_SECRET_FILE)
+    assert len(secret) >= 32
     # an alias event of a model the lifecycle does not manage: accepted, deploys nothing
     body = json.dumps(
         {
