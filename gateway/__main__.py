@@ -5,9 +5,9 @@ from __future__ import annotations
 import uvicorn
 from fastapi import FastAPI
 
-from gateway.app import create_app
+from gateway.http.app import create_app
 from gateway.logs import configure_logging
-from rtinfer.settings import Settings
+from gateway.settings import Settings
 
 
 def app_from_env() -> FastAPI:

@@ -1,4 +1,4 @@
-"""Gateway settings: the ``gateway`` section of ``rtinfer.settings.Settings``.
+"""Gateway settings: the ``gateway`` section of ``gateway.settings.Settings``.
 
 Read from ``RTINFER_GATEWAY__*`` environment variables, e.g. ``RTINFER_GATEWAY__PORT=9090``,
 ``RTINFER_GATEWAY__TRITON_GRPC_URL=triton:8001``.
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
-from gateway.async_config import AsyncPredictSettings
+from gateway.asyncpred.config import AsyncPredictSettings
 
 
 class GatewaySettings(BaseModel):

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gateway.responses import OrjsonResponse
+from gateway.http.responses import OrjsonResponse
 from gateway.schemas import REQUEST_ID_HEADER, valid_request_id
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class GatewayError(Exception):
         self.message = message
         #: set once the per-request log line for this error has been written
         self.logged = False
-        #: raised again without calling upstream (``gateway.endpoint_guard``)
+        #: raised again without calling upstream (``gateway.serving.endpoint_guard``)
         self.failed_fast = False
 
     @property

@@ -17,7 +17,7 @@ from pydantic import (
     field_validator,
 )
 
-from rtinfer.client import CONTEXT_FEATURES
+from python_backend.contract import CONTEXT_FEATURES
 
 #: the ensembles' ``context`` input, in tensor order
 ContextFeature = Literal[CONTEXT_FEATURES]  # type: ignore[valid-type]

@@ -106,13 +106,19 @@ class CpuMeter:
 #: (stage, substrings of a frame). A sample goes to the first of these stages with a frame
 #: anywhere on its stack (e.g. Redis socket writes under the rate limiter count as auth) ...
 SPECIFIC_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("prediction log (Kafka produce, delivery callbacks)", ("gateway/prediction_log.py",)),
+    ("prediction log (Kafka produce, delivery callbacks)", ("gateway/predlog/writer.py",)),
     ("JSON log lines", ("logging/__init__.py", "gateway/logs.py", "json/encoder.py")),
     ("Prometheus metrics", ("prometheus_client/",)),
-    ("auth + rate limit (Redis)", ("gateway/security.py", "gateway/auth.py", "ratelimit.py")),
+    (
+        "auth + rate limit (Redis)",
+        ("gateway/auth/security.py", "gateway/auth/keys.py", "ratelimit.py"),
+    ),
     ("Triton gRPC client", ("tritonclient/", "grpc/")),
     ("request/response models (pydantic)", ("pydantic",)),
-    ("prediction service", ("gateway/service.py", "gateway/routing.py", "gateway/routes.py")),
+    (
+        "prediction service",
+        ("gateway/serving/service.py", "gateway/serving/canary.py", "gateway/http/"),
+    ),
 )
 #: ... else to the framework stage of its innermost frame that matches one.
 FRAMEWORK_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (

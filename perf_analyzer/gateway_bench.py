@@ -57,12 +57,12 @@ from loadgen import (
     write_targets,
 )
 
-from gateway.auth import create_api_key
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
+from gateway.settings import Settings
 from rtinfer import stack as stack_mod
 from rtinfer.gateway_server import start_gateway
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import ManagedProcess, free_port, pid_alive
-from rtinfer.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from gateway.schemas import DEGRADED_HEADER
-from rtinfer.client import CONTEXT_FEATURES
+from python_backend.contract import CONTEXT_FEATURES
 
 VEGETA_MODULE = "github.com/tsenart/vegeta/v12@v12.13.0"
 CACHE_BIN = Path.home() / ".cache" / "rtinfer" / "bin"

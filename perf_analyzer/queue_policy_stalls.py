@@ -23,10 +23,10 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from gateway.repository.render import assembler_config, write_config
+from gateway.settings import Settings
+from python_backend.contract import ensemble_inputs
 from python_backend.feature_spec import FEATURE_SPEC_FILE, FeatureSpec
-from rtinfer.client import ensemble_inputs
-from rtinfer.render import assembler_config, write_config
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 

@@ -39,16 +39,16 @@ from typing import Any
 import httpx
 import psycopg
 
-from gateway.auth import create_api_key
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.triton_repo import TritonRepository
+from gateway.repository.render import Serving
+from gateway.settings import REPO_ROOT, Settings
 from rtinfer import stack as stack_mod
 from rtinfer.loadloop import LoadLoop, Sample, Summary, first_answer, flips_back
-from rtinfer.postgres_server import dsn
 from rtinfer.registry import register_repository, register_version
-from rtinfer.render import Serving
-from rtinfer.settings import REPO_ROOT, Settings
 
 HERE = Path(__file__).resolve().parent
 MODEL = "fraud_xgb"

@@ -1,6 +1,6 @@
 """CPU cost of one Triton call from the gateway's own client, outside the HTTP stack.
 
-Runs ``gateway.triton_client.TritonClient.infer`` (``tritonclient.grpc.aio``) on uvloop, as
+Runs ``gateway.serving.triton_client.TritonClient.infer`` (``tritonclient.grpc.aio``) on uvloop, as
 a gateway worker does, with a fixed number of calls in flight, and prints one JSON line per
 concurrency: calls/s and this process's CPU time per call.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvloop
 
-from gateway.triton_client import TritonClient
+from gateway.serving.triton_client import TritonClient
 
 HERE = Path(__file__).resolve().parent
 

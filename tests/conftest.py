@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rtinfer.settings import Settings
+from gateway.settings import Settings
 
 #: smaller than the CLI default so the suite stays fast; same code path
 TEST_ROWS = 20_000

@@ -12,7 +12,7 @@ import uvicorn
 
 from gateway.lifecycle.service import create_deployer_app, open_deployer, webhook_secret
 from gateway.logs import configure_logging
-from rtinfer.settings import Settings
+from gateway.settings import Settings
 
 
 async def serve(settings: Settings) -> None:

@@ -44,6 +44,8 @@ ARTIFACT_FILES = frozenset(
 )
 #: metadata.json ``artifacts`` kind -> the only file name allowed for it
 MODEL_FILES = {"onnx": ONNX_FILE, "xgboost": XGBOOST_FILE}
+#: the descriptor files beside the model file (all required)
+DESCRIPTOR_FILES = (FEATURE_SPEC_FILE, TRAINING_STATS_FILE, METADATA_FILE)
 #: suffixes named in the refusal: formats that run code when loaded, or are code
 CODE_SUFFIXES = frozenset(
     {".pkl", ".pickle", ".joblib", ".sav", ".pt", ".pth", ".bin", ".py", ".pyc", ".so", ".sh"}

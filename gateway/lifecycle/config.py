@@ -1,4 +1,4 @@
-"""Lifecycle settings: the ``lifecycle`` section of ``rtinfer.settings.Settings``.
+"""Lifecycle settings: the ``lifecycle`` section of ``gateway.settings.Settings``.
 
 Read from ``RTINFER_LIFECYCLE__*`` environment variables, e.g. ``RTINFER_LIFECYCLE__DRAIN_S=10``.
 """

@@ -37,14 +37,14 @@ from typing import Any, Literal
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.lifecycle import catalog_tx
+from gateway.catalog import swaps
+from gateway.catalog.swaps import HistoryEntry, Row
 from gateway.lifecycle.artifacts import (
     ARTIFACT_FILES,
     ArtifactReport,
     copy_artifacts,
     validate_version_dir,
 )
-from gateway.lifecycle.catalog_tx import HistoryEntry, Row
 from gateway.lifecycle.errors import (
     ArtifactInvalid,
     CatalogUpdateFailed,
@@ -61,7 +61,7 @@ from gateway.lifecycle.materialize import (
 from gateway.lifecycle.metrics import LifecycleMetrics
 from gateway.lifecycle.smoke import smoke_pipeline, smoke_test
 from gateway.lifecycle.triton_repo import READY, TritonRepository
-from rtinfer.render import (
+from gateway.repository.render import (
     SHELLS_DIR,
     Serving,
     class_prior_fallback,
@@ -72,7 +72,7 @@ from rtinfer.render import (
     write_pinned_pipeline,
     write_pipelines,
 )
-from rtinfer.settings import Settings, Target
+from gateway.settings import Settings, Target
 
 __all__ = ["DeployRequest", "Deployer", "HistoryEntry", "Mode", "Outcome"]
 
@@ -158,10 +158,10 @@ class Deployer:
         conn = await self._lock(req.model)
         handed_off = False
         try:
-            rows = await catalog_tx.active_rows(conn, req.model)
+            rows = await swaps.active_rows(conn, req.model)
             if _serves_as(rows, req.version, req.mode, pct):
                 return Outcome(req.model, req.version, "unchanged", None, None, None)
-            main = catalog_tx.prod(rows)
+            main = swaps.prod(rows)
             if req.mode != "promote" and main is not None and main.version == str(req.version):
                 raise NothingToDo(
                     f"{req.model} version {req.version} already serves production traffic; "
@@ -182,9 +182,9 @@ class Deployer:
         self._check_model(model)
         if version is None:
             async with self._pool.connection() as conn:
-                rows = await catalog_tx.active_rows(conn, model)
-            main = catalog_tx.prod(rows)
-            trials = [r for r in catalog_tx.arms(rows) if main is None or r is not main]
+                rows = await swaps.active_rows(conn, model)
+            main = swaps.prod(rows)
+            trials = [r for r in swaps.arms(rows) if main is None or r is not main]
             if not trials:
                 raise NothingToDo(f"{model} has no canary to promote; name a version")
             version = int(max(trials, key=lambda r: r.deployment_id).version)
@@ -214,10 +214,10 @@ class Deployer:
         target: int | None = None
         current: Row | None = None
         try:
-            rows = await catalog_tx.active_rows(conn, model)
-            current = catalog_tx.prod(rows)
+            rows = await swaps.active_rows(conn, model)
+            current = swaps.prod(rows)
             if current is not None and len(rows) > 1:
-                retired = await catalog_tx.end_trials(
+                retired = await swaps.end_trials(
                     conn, model, {"trigger": trigger, "actor": actor, "version": current.version}
                 )
                 self.metrics.changes.labels(model, "rolled_back").inc()
@@ -234,7 +234,7 @@ class Deployer:
                 )
             if current is None:
                 raise NothingToDo(f"{model} has no deployment serving traffic")
-            previous = await catalog_tx.previous_champion(conn, model, current.version)
+            previous = await swaps.previous_champion(conn, model, current.version)
             if previous is None:
                 raise NothingToDo(
                     f"{model} version {current.version} has no earlier version to roll back to"
@@ -267,11 +267,11 @@ class Deployer:
 
     async def history(self, model: str, limit: int = 20) -> list[HistoryEntry]:
         async with self._pool.connection() as conn:
-            return await catalog_tx.history(conn, model, limit)
+            return await swaps.history(conn, model, limit)
 
     async def attempted(self, model: str, version: int) -> bool:
         async with self._pool.connection() as conn:
-            return await catalog_tx.attempted(conn, model, version)
+            return await swaps.attempted(conn, model, version)
 
     async def wait_settled(self, timeout_s: float | None = None) -> None:
         """Wait for the drains and unloads this deployer started."""
@@ -306,10 +306,10 @@ class Deployer:
             error = ArtifactInvalid(f"{model} version {version}: no directory {final}")
             await self._record_failure(conn, model, "materialize", error, base)
             raise error
-        await catalog_tx.record(conn, model, "deploy_started", base)
+        await swaps.record(conn, model, "deploy_started", base)
         config_file = self.repository / model / "config.pbtxt"
         saved_config = config_file.read_bytes()
-        main = catalog_tx.prod(rows)
+        main = swaps.prod(rows)
         previous = main.version if main is not None else None
         timings: dict[str, float] = {}
         created = loaded_scorer = False
@@ -366,12 +366,12 @@ class Deployer:
             try:
                 if req.mode == "promote":
                     action = "rolled_back" if "rollback_from" in req.detail else "promoted"
-                    dep_id = await catalog_tx.switch_to(
+                    dep_id = await swaps.switch_to(
                         conn, model, version, endpoint, action, detail, fallback
                     )
                 elif req.mode == "canary":
                     action = "canary"
-                    dep_id = await catalog_tx.start_canary(
+                    dep_id = await swaps.start_canary(
                         conn,
                         model,
                         version,
@@ -382,7 +382,7 @@ class Deployer:
                     )
                 else:
                     action = "shadow"
-                    dep_id = await catalog_tx.start_shadow(
+                    dep_id = await swaps.start_shadow(
                         conn,
                         model,
                         version,
@@ -523,11 +523,11 @@ class Deployer:
         )
         detail = {**base, "step": step, "error": error.message, "code": error.code}
         try:
-            await catalog_tx.record(conn, model, "deploy_failed", detail)
+            await swaps.record(conn, model, "deploy_failed", detail)
         except Exception:  # the catalog may be what failed; a fresh connection may work
             try:
                 async with self._pool.connection() as fresh:
-                    await catalog_tx.record(fresh, model, "deploy_failed", detail)
+                    await swaps.record(fresh, model, "deploy_failed", detail)
             except Exception as exc:
                 log.error("%s: could not record the failure in the history: %s", model, exc)
 
@@ -553,10 +553,10 @@ class Deployer:
 
     async def _retire(self, model: str, conn: AsyncConnection) -> None:
         """Unload what no active deployment routes to; unversioned pipelines follow the champion."""
-        rows = await catalog_tx.active_rows(conn, model)
+        rows = await swaps.active_rows(conn, model)
         serving = Serving.load(self.repository, model)
         pipe = own_pipeline(model)
-        main = catalog_tx.prod(rows)
+        main = swaps.prod(rows)
         on_base = next((r for r in rows if r.endpoint == pipe.ensemble), None)
         if on_base is not None:
             champion = int(on_base.version)
@@ -598,7 +598,7 @@ class Deployer:
         Serving(champion, tuple(keep), tuple(sorted(pinned_keep))).save(self.repository, model)
         if dropped or champion != serving.champion:
             self.metrics.changes.labels(model, "retired").inc()
-            await catalog_tx.record(
+            await swaps.record(
                 conn,
                 model,
                 "retired",
@@ -656,7 +656,7 @@ def _serves_as(rows: list[Row], version: int, mode: Mode, pct: float) -> bool:
         return any(r.is_shadow for r in mine)
     arms = [r for r in mine if not r.is_shadow]
     if mode == "promote":
-        return any(r.traffic_pct >= 100 for r in arms) and len(catalog_tx.arms(rows)) == 1
+        return any(r.traffic_pct >= 100 for r in arms) and len(swaps.arms(rows)) == 1
     return any(abs(r.traffic_pct - pct) < 1e-6 for r in arms)
 
 

@@ -1,7 +1,8 @@
 """Keep each deployment's class-prior fallback equal to its version's training statistics.
 
 A deployment the swap procedure creates gets its ``fallback_config`` from the version it
-serves (``rtinfer.render.class_prior_fallback``). Rows created otherwise - the demo catalog's
+serves (``gateway.repository.render.class_prior_fallback``). Rows created otherwise - the demo
+catalog's
 seed migration, a catalog edited by hand, or rows written before fallbacks were derived - may
 carry a stale prior. :func:`align_fallbacks` (run by the deployer service at start) rewrites
 those, one transaction and one ``fallback_updated`` history row each, and leaves rows whose
@@ -15,9 +16,9 @@ from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.lifecycle import catalog_tx
-from rtinfer.render import RenderError, class_prior_fallback
-from rtinfer.settings import Settings
+from gateway.catalog import swaps
+from gateway.repository.render import RenderError, class_prior_fallback
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ async def align_fallbacks(pool: AsyncConnectionPool, repository: Path, settings:
         models = [str(r[0]) for r in await cur.fetchall()]
         updated = 0
         for model in models:
-            for row in await catalog_tx.active_rows(conn, model):
+            for row in await swaps.active_rows(conn, model):
                 try:
                     wanted = class_prior_fallback(repository, row.endpoint, settings)
                 except (RenderError, OSError, ValueError) as exc:
@@ -43,7 +44,7 @@ async def align_fallbacks(pool: AsyncConnectionPool, repository: Path, settings:
                     continue
                 if wanted is None or _same(row.fallback_config, wanted):
                     continue
-                await catalog_tx.set_fallback(conn, row, model, wanted)
+                await swaps.set_fallback(conn, row, model, wanted)
                 updated += 1
                 log.info(
                     "%s version %s: fallback class prior %s -> %s",

@@ -18,14 +18,16 @@ import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from gateway.lifecycle.artifacts import DESCRIPTOR_FILES, MODEL_FILES
 from gateway.lifecycle.mlflow_hooks import ACTED_EVENTS
-from rtinfer.registry import DESCRIPTOR_FILES, MLMODEL_FILE, MODEL_FILES
 
 log = logging.getLogger(__name__)
 
 #: the files of a version directory, as registered
 VERSION_FILES = frozenset({*MODEL_FILES.values(), *DESCRIPTOR_FILES})
 WEBHOOK_NAME = "rtinfer-deployer"
+#: MLflow's own descriptor of a logged model (not part of a version directory)
+MLMODEL_FILE = "MLmodel"
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
+from gateway.catalog.rollout_store import CREATED, PENDING, AppliedState, SyncStore, alias_kind
 from gateway.errors import GatewayError
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import DeployRequest, Mode, Outcome
 from gateway.lifecycle.errors import NothingToDo
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing, VersionInfo
-from gateway.lifecycle.sync_store import CREATED, PENDING, AppliedState, SyncStore, alias_kind
 
 log = logging.getLogger(__name__)
 

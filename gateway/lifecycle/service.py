@@ -25,20 +25,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from psycopg_pool import AsyncConnectionPool
 from starlette.responses import Response
 
+from gateway.catalog.rollout_store import SyncStore
 from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
+from gateway.http.responses import OrjsonResponse
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import Deployer
 from gateway.lifecycle.fallback_sync import align_fallbacks
 from gateway.lifecycle.mlflow_hooks import parse_event, verify_delivery
 from gateway.lifecycle.mlflow_registry import MlflowRegistry
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
-from gateway.lifecycle.sync_store import SyncStore
 from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.lifecycle.watchdog import ModelWatchdog
-from gateway.responses import OrjsonResponse
-from gateway.runtime import open_deployer as open_lifecycle_deployer
-from rtinfer.mlflow_server import tracking_uri
-from rtinfer.settings import Settings
+from gateway.serving.core import open_deployer as open_lifecycle_deployer
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
             lc,
             deployer,
             SyncStore(deployer.pool),
-            MlflowRegistry(tracking_uri(settings.mlflow.host, settings.mlflow.port)),
+            MlflowRegistry(settings.mlflow.tracking_uri),
             SyncMetrics(registry),
         )
         watcher = load_watcher(settings, deployer) if lc.watch else None

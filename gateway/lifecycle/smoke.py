@@ -17,8 +17,8 @@ import numpy as np
 
 from gateway.lifecycle.errors import LifecycleError, SmokeTestFailed
 from gateway.lifecycle.triton_repo import TritonRepository
+from python_backend.contract import CONTEXT_FEATURES
 from python_backend.feature_spec import ModelMetadata
-from rtinfer.client import CONTEXT_FEATURES
 
 #: max |P(positive)| difference from the golden expectation (Triton runs the same ONNX graph)
 SMOKE_TOLERANCE = 1e-4

@@ -30,8 +30,8 @@ from gateway.lifecycle.errors import (
     RepositoryUnavailable,
     VersionNotReady,
 )
-from rtinfer.client import decode, ensemble_inputs
-from rtinfer.render import set_version_policy
+from gateway.repository.render import set_version_policy
+from python_backend.contract import decode, ensemble_inputs
 
 READY = "READY"
 UNLOADING = "UNLOADING"

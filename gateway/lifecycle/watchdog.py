@@ -38,10 +38,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.lifecycle import catalog_tx
+from gateway.catalog import swaps
 from gateway.lifecycle.errors import LifecycleError
 from gateway.lifecycle.triton_repo import READY, TritonRepository
-from rtinfer.client import CONTEXT_FEATURES
+from python_backend.contract import CONTEXT_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class ModelWatchdog:
                 )
                 names = [str(r[0]) for r in await cur.fetchall()] or [model]
                 for name in names:
-                    await catalog_tx.record(conn, name, HISTORY_ACTION, detail)
+                    await swaps.record(conn, name, HISTORY_ACTION, detail)
         except Exception as exc:  # the reload is done; the record is best effort
             log.warning("watchdog: recording the reload of %s failed: %s", model, exc)
 

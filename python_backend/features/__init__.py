@@ -1,1 +1,1 @@
-"""Online feature assembly: key schema, Redis store, hot-entity cache, circuit breaker."""
+"""Online feature assembly: key schema, Redis store, hot-entity cache."""

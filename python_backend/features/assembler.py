@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from python_backend.breaker import CircuitBreaker
 from python_backend.feature_spec import ONLINE_GROUPS, FeatureGroup, FeatureSpec
-from python_backend.features.breaker import CircuitBreaker
 from python_backend.features.cache import CachedRow, EntityCache
 from python_backend.features.keys import DEFAULT_KEY_PREFIX, entity_key
 from python_backend.features.store import FeatureStoreUnavailable, RawValues, RedisFeatureStore

@@ -17,9 +17,7 @@ from pydantic import SecretStr
 
 from gateway.config import GatewaySettings
 from gateway.lifecycle.config import LifecycleSettings
-from rtinfer import stack
-from rtinfer.client import FraudClient
-from rtinfer.settings import (
+from gateway.settings import (
     FeatureSettings,
     KafkaSettings,
     MlflowSettings,
@@ -28,6 +26,8 @@ from rtinfer.settings import (
     Settings,
     TritonSettings,
 )
+from rtinfer import stack
+from rtinfer.client import FraudClient
 
 #: the lifecycle stack's configured webhook secret (the session stack generates its own)
 LIFECYCLE_WEBHOOK_SECRET = "lifecycle-test-webhook-secret"

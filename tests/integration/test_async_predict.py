@@ -21,16 +21,16 @@ from callback_receiver import CallbackReceiver
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from pydantic import SecretStr
 
-from gateway.app import create_app
-from gateway.async_config import AsyncPredictSettings
-from gateway.async_token import issue_token
-from gateway.auth import create_api_key, parse_token
-from gateway.callback_signature import verify_signature
+from gateway.asyncpred.callback_signature import verify_signature
+from gateway.asyncpred.config import AsyncPredictSettings
+from gateway.asyncpred.tokens import issue_token
+from gateway.auth.keys import create_api_key, parse_token
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
+from gateway.http.app import create_app
+from gateway.settings import Settings
 from rtinfer.kafka_server import DAY_MS, TopicSpec, admin_client, ensure_topics
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import ManagedProcess, pid_alive
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 from rtinfer.worker_process import start_worker
 

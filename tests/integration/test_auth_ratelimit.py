@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
-from gateway.auth import (
+from gateway.auth.keys import (
     ApiKey,
     ApiKeyAuthenticator,
     AuthError,
@@ -28,10 +28,11 @@ from gateway.auth import (
     parse_token,
     revoke_api_key,
 )
-from gateway.ratelimit import RateLimited, RedisRateLimiter
+from gateway.auth.ratelimit import RateLimited, RedisRateLimiter
+from gateway.catalog.dsn import dsn
+from gateway.catalog.migrate import apply_migrations
 from rtinfer.apikeys import apikeys_app
-from rtinfer.migrate import apply_migrations
-from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
+from rtinfer.postgres_server import start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, free_port
 from rtinfer.redis_server import start_redis
 from rtinfer.stack import ServiceState, StackState

@@ -12,7 +12,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from rtinfer.client import FraudClient, context_vector
+from python_backend.contract import context_vector
+from rtinfer.client import FraudClient
 from rtinfer.stack import StackState
 
 pytestmark = pytest.mark.integration

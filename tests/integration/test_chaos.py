@@ -37,15 +37,15 @@ from callback_receiver import CallbackReceiver
 from kafka_reader import consume_all
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.async_config import AsyncPredictSettings
-from gateway.auth import create_api_key
+from gateway.asyncpred.config import AsyncPredictSettings
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
+from gateway.settings import Settings
 from rtinfer import stack
 from rtinfer.kafka_server import admin_client, broker_ready
 from rtinfer.openload import Answer, OpenLoad, summary
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import wait_until
-from rtinfer.settings import Settings
 from rtinfer.supervisor import Supervisor
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]

@@ -12,10 +12,11 @@ import pytest
 import redis
 import tritonclient.http as httpclient
 
-from rtinfer.client import FraudClient, context_vector
+from gateway.settings import Settings
+from python_backend.contract import context_vector
+from rtinfer.client import FraudClient
 from rtinfer.features import load_demo_features
 from rtinfer.procs import wait_until
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor
 

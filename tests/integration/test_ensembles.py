@@ -11,10 +11,11 @@ import pytest
 import redis
 import xgboost as xgb
 
+from gateway.settings import Settings
+from python_backend.contract import CONTEXT_FEATURES, context_vector
 from python_backend.features.keys import entity_key
-from rtinfer.client import CONTEXT_FEATURES, FraudClient, context_vector
+from rtinfer.client import FraudClient
 from rtinfer.demo.dataset import generate_entities
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = pytest.mark.integration

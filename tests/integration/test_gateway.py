@@ -16,14 +16,14 @@ import pytest
 from fastapi import Request
 from psycopg.types.json import Jsonb
 
-from gateway.app import create_app
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
-from gateway.deps import Authenticate, GatewayDeps
 from gateway.errors import RateLimited, Unauthorized
+from gateway.http.app import create_app
+from gateway.http.deps import Authenticate, GatewayDeps
+from gateway.settings import Settings
 from rtinfer.client import FraudClient
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import free_port, wait_until
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor
 

@@ -15,9 +15,9 @@ from confluent_kafka import Consumer, TopicPartition
 from kafka_broker import Broker, running_broker_with_topics
 from test_gateway import BODY, gateway_settings
 
-from gateway.app import create_app
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import Settings
+from gateway.catalog.dsn import dsn
+from gateway.http.app import create_app
+from gateway.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(180)]

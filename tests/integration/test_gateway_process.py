@@ -8,10 +8,10 @@ import httpx
 import psycopg
 import pytest
 
-from gateway.auth import create_api_key
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
+from gateway.settings import Settings
 from rtinfer.client import FraudClient
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from gateway.app import create_app
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
-from gateway.deps import DiscardPredictionLog, GatewayDeps
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import Settings
+from gateway.http.app import create_app
+from gateway.http.deps import DiscardPredictionLog, GatewayDeps
+from gateway.settings import Settings
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor
 

@@ -22,22 +22,22 @@ from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.app import create_app
+from gateway.catalog.dsn import dsn
+from gateway.catalog.rollout_store import SyncStore
 from gateway.config import GatewaySettings
-from gateway.deps import GatewayDeps
+from gateway.http.app import create_app
+from gateway.http.deps import GatewayDeps
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.deployer import Deployer
 from gateway.lifecycle.mlflow_registry import MlflowRegistry, ensure_webhook
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.service import create_deployer_app
-from gateway.lifecycle.sync_store import SyncStore
 from gateway.lifecycle.triton_repo import TritonRepository
+from gateway.settings import Settings
 from python_backend.feature_spec import METADATA_FILE, ModelMetadata
 from rtinfer.loadloop import LoadLoop, Summary, first_answer, flips_back
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import free_port
 from rtinfer.registry import register_version
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]

@@ -21,18 +21,18 @@ import httpx
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.app import create_app
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
-from gateway.deps import GatewayDeps
+from gateway.http.app import create_app
+from gateway.http.deps import GatewayDeps
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.deployer import Deployer, DeployRequest
 from gateway.lifecycle.errors import ArtifactInvalid, ModelLoadFailed
 from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.lifecycle.watcher import VersionWatcher
+from gateway.repository.render import SERVING_FILE, Serving
+from gateway.settings import Settings
 from rtinfer.loadloop import LoadLoop, Sample, Summary, first_answer, flips_back
-from rtinfer.postgres_server import dsn
-from rtinfer.render import SERVING_FILE, Serving
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(300)]

@@ -17,9 +17,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.auth import create_api_key
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import Settings
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
+from gateway.settings import Settings
 from rtinfer.stack import StackState
 
 CATALOG_MODELS = ["fraud_xgb", "fraud_nn", "fraud_blend"]

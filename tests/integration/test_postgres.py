@@ -17,8 +17,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from rtinfer.migrate import MIGRATIONS_DIR, MigrationError, apply_migrations, load_migrations
-from rtinfer.postgres_server import SUPERUSER, PostgresDsn, dsn, start_postgres, stop_postgres
+from gateway.catalog.dsn import PostgresDsn, dsn
+from gateway.catalog.migrate import (
+    MIGRATIONS_DIR,
+    MigrationError,
+    apply_migrations,
+    load_migrations,
+)
+from rtinfer.postgres_server import SUPERUSER, start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

@@ -16,10 +16,10 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from gateway.auth import create_api_key
+from gateway.auth.keys import create_api_key
+from gateway.catalog.dsn import dsn
+from gateway.settings import REPO_ROOT, Settings
 from rtinfer import stack
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import REPO_ROOT, Settings
 from rtinfer.stack_status import status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

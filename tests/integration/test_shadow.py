@@ -20,13 +20,13 @@ import test_gateway
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi import Request
 
-from gateway.app import create_app
-from gateway.auth import ApiKey, ApiKeyAuthenticator, create_api_key
+from gateway.auth.keys import ApiKey, ApiKeyAuthenticator, create_api_key
+from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
-from gateway.deps import Authenticate, GatewayDeps
+from gateway.http.app import create_app
+from gateway.http.deps import Authenticate, GatewayDeps
+from gateway.settings import Settings
 from rtinfer.client import FraudClient
-from rtinfer.postgres_server import dsn
-from rtinfer.settings import Settings
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -387,7 +387,7 @@ async def test_shadow_records_reach_the_predictions_shadow_topic(
     settings.gateway.spool_dir = tmp_path / "spool"
     ids = [f"{VERSION}-kafka-{uuid.uuid4().hex[:8]}-{i}" for i in range(5)]
     served: dict[str, dict[str, Any]] = {}
-    app = create_app(settings)  # no injected log: gateway.app.open_prediction_log
+    app = create_app(settings)  # no injected log: the serving core opens one from the settings
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client,

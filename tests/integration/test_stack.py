@@ -17,8 +17,8 @@ from gateway.lifecycle.mlflow_hooks import (
     sign,
 )
 from gateway.secret_files import read_or_create_secret
+from gateway.settings import Settings
 from rtinfer import stack, stack_status
-from rtinfer.settings import Settings
 from rtinfer.stack import WEBHOOK_SECRET_FILE
 
 pytestmark = pytest.mark.integration

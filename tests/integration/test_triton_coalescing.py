@@ -9,8 +9,9 @@ import pytest
 
 from gateway.errors import DeadlineExceeded, InvalidRequest
 from gateway.metrics import GatewayMetrics
-from gateway.triton_client import TritonClient
-from rtinfer.client import CONTEXT_FEATURES, FraudClient
+from gateway.serving.triton_client import TritonClient
+from python_backend.contract import CONTEXT_FEATURES
+from rtinfer.client import FraudClient
 from rtinfer.stack import StackState
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(120)]

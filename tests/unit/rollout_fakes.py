@@ -14,11 +14,11 @@ import pytest
 from mlflow.entities.webhook import Webhook, WebhookEvent
 from mlflow.webhooks import delivery
 
+from gateway.catalog.rollout_store import PENDING, AppliedState
 from gateway.lifecycle.deployer import DeployRequest, Outcome
 from gateway.lifecycle.errors import NothingToDo, SmokeTestFailed
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing, VersionInfo
-from gateway.lifecycle.sync_store import PENDING, AppliedState
 
 SECRET = "rtinfer-test-webhook-secret"
 

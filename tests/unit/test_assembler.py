@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import redis
 
+from python_backend.breaker import BreakerState, CircuitBreaker
 from python_backend.feature_spec import FeatureDef, FeatureSpec
 from python_backend.features.assembler import (
     AssemblyError,
@@ -13,7 +14,6 @@ from python_backend.features.assembler import (
     FeatureAssembler,
     online_fields,
 )
-from python_backend.features.breaker import BreakerState, CircuitBreaker
 from python_backend.features.cache import EntityCache
 from python_backend.features.store import RedisFeatureStore
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
+from python_backend.breaker import CircuitBreaker
 from python_backend.feature_spec import FeatureDef, FeatureSpec
 from python_backend.features.assembler import AssemblyInput, FeatureAssembler, online_fields
-from python_backend.features.breaker import CircuitBreaker
 from python_backend.features.cache import EntityCache
 from python_backend.features.store import RedisFeatureStore
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from gateway.async_config import AsyncPredictSettings, secret_bytes
-from gateway.async_schemas import AsyncPredictRequest
+from gateway.asyncpred.config import AsyncPredictSettings, secret_bytes
+from gateway.asyncpred.schemas import AsyncPredictRequest
 from gateway.errors import describe_validation_errors
-from rtinfer.settings import Settings
+from gateway.settings import Settings
 
 BODY = {"entity_ids": {"user_id": "u_1", "merchant_id": "m_1"}, "context": {"amount": 5.0}}
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.async_jobs import JobRunner
-from gateway.async_metrics import AsyncWorkerMetrics
-from gateway.async_results import ResultStoreError
-from gateway.async_schemas import AsyncJob
-from gateway.backoff import Backoff
-from gateway.callback_delivery import AttemptResult, DeliveryReport
+from gateway.asyncpred.backoff import Backoff
+from gateway.asyncpred.callback_delivery import AttemptResult, DeliveryReport
+from gateway.asyncpred.jobs import JobRunner
+from gateway.asyncpred.metrics import AsyncWorkerMetrics
+from gateway.asyncpred.results import ResultStoreError
+from gateway.asyncpred.schemas import AsyncJob
 from gateway.errors import ModelNotFound, UpstreamUnavailable
 from gateway.schemas import PredictRequest, PredictResponse
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.async_offsets import CommitTracker
+from gateway.asyncpred.offsets import CommitTracker
 
 P0, P1 = ("inference-requests", 0), ("inference-requests", 1)
 

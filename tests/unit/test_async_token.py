@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from gateway.async_token import (
+from gateway.asyncpred.tokens import (
     MAX_CLOCK_SKEW_S,
     NO_OWNER,
     issue_token,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.backoff import Backoff
+from gateway.asyncpred.backoff import Backoff
 
 
 def test_ceiling_doubles_up_to_the_cap() -> None:

@@ -1,6 +1,6 @@
 import pytest
 
-from python_backend.features.breaker import BreakerState, CircuitBreaker
+from python_backend.breaker import BreakerState, CircuitBreaker
 
 
 class FakeClock:

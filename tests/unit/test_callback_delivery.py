@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gateway.backoff import Backoff
-from gateway.callback_delivery import CallbackSender, DeliveryReport
-from gateway.callback_signature import verify_signature
-from gateway.callback_url import parse_networks
+from gateway.asyncpred.backoff import Backoff
+from gateway.asyncpred.callback_delivery import CallbackSender, DeliveryReport
+from gateway.asyncpred.callback_signature import verify_signature
+from gateway.asyncpred.callback_url import parse_networks
 
 SECRET = b"unit-test-callback-secret"
 BODY = json.dumps({"token": "v1.x", "status": "done"}).encode()

@@ -7,7 +7,7 @@ import hmac
 
 import pytest
 
-from gateway.callback_signature import (
+from gateway.asyncpred.callback_signature import (
     InvalidSignature,
     compute_signature,
     signature_header,

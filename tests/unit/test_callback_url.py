@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.callback_url import (
+from gateway.asyncpred.callback_url import (
     CallbackHostUnresolved,
     CallbackUrlRejected,
     address_problem,

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import gateway.runtime
-from gateway.lifecycle.catalog_tx import HistoryEntry
+import gateway.serving.core
+from gateway.catalog.swaps import HistoryEntry
 from gateway.lifecycle.deployer import DeployRequest, Outcome
 from gateway.lifecycle.errors import NothingToDo
 from rtinfer import stack as stack_mod
@@ -79,7 +79,7 @@ def deployer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeDeployer:
         triton_metrics_port=58002,
         postgres=stack_mod.ServiceState(pid=1, port=55432, log=""),
     )
-    monkeypatch.setattr(gateway.runtime, "open_deployer", open_deployer)
+    monkeypatch.setattr(gateway.serving.core, "open_deployer", open_deployer)
     monkeypatch.setattr(stack_mod, "require_running", lambda settings: state)
     return fake
 

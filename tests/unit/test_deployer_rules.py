@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.lifecycle.catalog_tx import Row, arms, prod
+from gateway.catalog.swaps import Row, arms, prod
 from gateway.lifecycle.deployer import _serves_as
 
 

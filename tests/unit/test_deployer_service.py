@@ -19,7 +19,7 @@ from gateway.lifecycle.mlflow_hooks import sign
 from gateway.lifecycle.mlflow_registry import MlflowRegistry, VersionInfo
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.service import create_deployer_app
-from rtinfer.settings import Settings
+from gateway.settings import Settings
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway.endpoint_guard import EndpointGuard
 from gateway.errors import DeadlineExceeded, GatewayError, UpstreamError
 from gateway.metrics import GatewayMetrics
+from gateway.serving.endpoint_guard import EndpointGuard
 
 
 class ScriptedProbe:

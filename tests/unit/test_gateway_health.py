@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from gateway.health import STALE_S, HealthTracker
+from gateway.serving.health import STALE_S, HealthTracker
 
 
 class Clock:

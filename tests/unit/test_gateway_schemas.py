@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from gateway.errors import describe_validation_errors
 from gateway.schemas import CONTEXT_FEATURES, PredictRequest, valid_request_id
-from rtinfer.client import CONTEXT_FEATURES as ENSEMBLE_CONTEXT_FEATURES
+from python_backend.contract import CONTEXT_FEATURES as ENSEMBLE_CONTEXT_FEATURES
 
 IDS = {"user_id": "u_000042", "merchant_id": "m_00007"}
 

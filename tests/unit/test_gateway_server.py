@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from gateway.settings import Settings
 from rtinfer.gateway_server import settings_env
-from rtinfer.settings import Settings
 
 
 def test_settings_round_trip_through_the_environment(

@@ -12,15 +12,15 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
-from gateway.auth import ApiKey
-from gateway.catalog import Deployment
-from gateway.deps import is_admin
+from gateway.auth.keys import ApiKey
+from gateway.catalog.shadows import CatalogUnavailable, remove_shadows
+from gateway.catalog.snapshot import Deployment
 from gateway.errors import ModelNotReady, describe_validation_errors
+from gateway.http.deps import is_admin
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest, ShadowRequest
-from gateway.shadow import ShadowMirror, sampled, shadow_bucket
-from gateway.shadow_admin import CatalogUnavailable, remove_shadows
-from gateway.triton_client import InferenceResult
+from gateway.serving.shadow import ShadowMirror, sampled, shadow_bucket
+from gateway.serving.triton_client import InferenceResult
 from rtinfer.procs import free_port
 
 pytestmark = pytest.mark.anyio

@@ -17,15 +17,15 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-import gateway.app
-from gateway.catalog import CatalogSnapshot, Deployment
-from gateway.deps import GatewayDeps
+import gateway.http.app
+from gateway.catalog.snapshot import CatalogSnapshot, Deployment
+from gateway.catalog.swaps import HistoryEntry
 from gateway.errors import Unauthorized
-from gateway.lifecycle.catalog_tx import HistoryEntry
+from gateway.http.deps import GatewayDeps
 from gateway.lifecycle.deployer import Outcome
 from gateway.lifecycle.errors import ModelLoadFailed, NothingToDo, UnknownModel
+from gateway.settings import Settings
 from rtinfer.procs import free_port
-from rtinfer.settings import Settings
 
 MODEL = "fraud_xgb"
 ADMIN = {"X-API-Key": "admin"}
@@ -118,8 +118,8 @@ def client(
     async def serving_core(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         yield SimpleNamespace(triton=None, pool=None, catalog=catalog, service=None)
 
-    monkeypatch.setattr(gateway.app, "open_serving_core", serving_core)
-    app = gateway.app.create_app(
+    monkeypatch.setattr(gateway.http.app, "open_serving_core", serving_core)
+    app = gateway.http.app.create_app(
         Settings(state_dir=tmp_path),
         GatewayDeps(authenticate=authenticate, deployer=deployer),  # type: ignore[arg-type]
     )
@@ -286,11 +286,11 @@ def test_without_an_injected_deployer_the_gateway_builds_one_and_maps_an_unreach
     async def serving_core(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         yield SimpleNamespace(triton=None, pool=None, catalog=catalog, service=None)
 
-    monkeypatch.setattr(gateway.app, "open_serving_core", serving_core)
+    monkeypatch.setattr(gateway.http.app, "open_serving_core", serving_core)
     settings = Settings(state_dir=tmp_path)
     settings.gateway.postgres_dsn = SecretStr(f"host=127.0.0.1 port={free_port()} dbname=x")
     settings.gateway.postgres_connect_timeout_s = 0.3
-    app = gateway.app.create_app(settings, GatewayDeps(authenticate=authenticate))
+    app = gateway.http.app.create_app(settings, GatewayDeps(authenticate=authenticate))
     with TestClient(app) as client:
         response = client.get(f"/models/{MODEL}", headers=ADMIN)
         assert (response.status_code, response.json()["history"]) == (200, None)

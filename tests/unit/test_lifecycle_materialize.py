@@ -17,8 +17,8 @@ from gateway.lifecycle.materialize import (
     remove_version,
     serve_versions,
 )
-from rtinfer.render import render_repository
-from rtinfer.settings import Settings
+from gateway.repository.render import render_repository
+from gateway.settings import Settings
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ from gateway.lifecycle.errors import (
     VersionNotReady,
 )
 from gateway.lifecycle.triton_repo import TritonRepository, config_json
-from rtinfer.render import RenderError, set_version_policy
+from gateway.repository.render import RenderError, set_version_policy
 
 
 def test_override_carries_the_version_policy_in_triton_field_names() -> None:

@@ -9,7 +9,7 @@ import math
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.auth import (
+from gateway.auth.keys import (
     ApiKey,
     AuthUnavailable,
     InvalidApiKey,
@@ -23,8 +23,8 @@ from gateway.auth import (
     parse_token,
     verify_secret,
 )
+from gateway.auth.ratelimit import RateLimited, RedisRateLimiter, burst_for, retry_after_seconds
 from gateway.errors import GatewayError, as_gateway_error, error_response
-from gateway.ratelimit import RateLimited, RedisRateLimiter, burst_for, retry_after_seconds
 
 #: cheap scrypt for tests; production parameters are checked once below
 FAST = {"n": 2**4, "r": 1, "p": 1}

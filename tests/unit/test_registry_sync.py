@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from rollout_fakes import FakeDeployer, FakeRegistry, FakeStore, listing, run_async
 
+from gateway.catalog.rollout_store import AppliedState
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing
@@ -20,7 +21,6 @@ from gateway.lifecycle.registry_sync import (
     action_for,
     plan_reconcile,
 )
-from gateway.lifecycle.sync_store import AppliedState
 
 LC = LifecycleSettings(managed_models=("fraud_xgb", "fraud_nn"), canary_pct=10.0)
 

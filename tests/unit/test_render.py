@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from rtinfer.render import (
+from gateway.repository.render import (
     PIPELINES,
     RenderError,
     Serving,
@@ -19,7 +19,7 @@ from rtinfer.render import (
     render_repository,
     served_models,
 )
-from rtinfer.settings import BatchingSettings, Settings
+from gateway.settings import BatchingSettings, Settings
 
 
 def _parse(path: Path) -> mc.ModelConfig:

@@ -11,7 +11,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import DeadlineExceeded, UpstreamError
-from gateway.triton_client import TritonClient
+from gateway.serving.triton_client import TritonClient
 
 
 class FakeResult:

@@ -14,8 +14,8 @@ import pytest
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.errors import ModelLoadFailed
 from gateway.lifecycle.watcher import VersionWatcher
-from rtinfer.render import SERVING_FILE
-from rtinfer.settings import Settings, TritonSettings
+from gateway.repository.render import SERVING_FILE
+from gateway.settings import Settings, TritonSettings
 
 MODEL = "fraud_xgb"
 SETTLE_S = 3.0

@@ -1,7 +1,7 @@
 """``rtinfer apikeys``: create, list and revoke the gateway's API keys in the catalog database.
 
 By default the commands talk to the PostgreSQL of the running stack (``rtinfer stack up``);
-``--conninfo`` points them at any other database migrated from ``gateway/migrations``.
+``--conninfo`` points them at any other database migrated from ``gateway/catalog/migrations``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Annotated, NoReturn, TypeVar
 import psycopg
 import typer
 
-from gateway.auth import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
-from rtinfer.postgres_server import dsn
-from rtinfer.procs import ProcessError
-from rtinfer.settings import Settings
+from gateway.auth.keys import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
+from gateway.catalog.dsn import CatalogNotStarted, dsn
+from gateway.settings import Settings
 from rtinfer.stack import StackState, service_alive
 
 apikeys_app = typer.Typer(
@@ -55,7 +54,7 @@ def _stack_conninfo() -> str:
         return dsn(
             settings.state_dir / "postgres", state.postgres.port, state.host, pg.user, pg.database
         ).conninfo
-    except ProcessError as exc:
+    except CatalogNotStarted as exc:
         _fail(str(exc))
 
 

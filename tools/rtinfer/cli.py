@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 import redis
 import typer
 
+from gateway.repository.render import RenderError, render_repository
+from gateway.settings import Settings
+from python_backend.contract import CONTEXT_FEATURES
 from rtinfer import stack as stack_mod
 from rtinfer.apikeys import apikeys_app
-from rtinfer.client import CONTEXT_FEATURES, FraudClient
+from rtinfer.client import FraudClient
 from rtinfer.features import load_demo_features
-from rtinfer.render import RenderError, render_repository
-from rtinfer.settings import Settings
 from rtinfer.stack_status import status as stack_status_of
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ def _run_deployer(action: Callable[[Deployer], Awaitable[T]], *, settle: bool = 
     from psycopg_pool import PoolTimeout
 
     from gateway.lifecycle.errors import LifecycleError
-    from gateway.runtime import open_deployer
+    from gateway.serving.core import open_deployer
 
     try:
         state = stack_mod.require_running(_settings())
@@ -374,7 +375,7 @@ def worker() -> None:
     With a stack running it joins the stack's consumer group (one more worker); otherwise
     it connects to what RTINFER_* configures.
     """
-    from gateway.worker import main as run_worker
+    from gateway.asyncpred.worker import main as run_worker
 
     settings = _settings().model_copy(deep=True)
     state = stack_mod.StackState.load(settings.state_dir)

@@ -6,35 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from python_backend.contract import OUTPUTS, context_vector, decode, ensemble_inputs
+
 Protocol = Literal["http", "grpc"]
-
-CONTEXT_FEATURES = (
-    "amount",
-    "hour_of_day",
-    "day_of_week",
-    "channel",
-    "is_international",
-    "card_present",
-    "device_age_days",
-    "ip_risk_score",
-    "distance_from_home_km",
-    "is_new_device",
-)
-
-OUTPUTS = (
-    "prediction",
-    "label",
-    "confidence",
-    "degraded",
-    "degraded_reason",
-    "imputed_count",
-    "features",
-)
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -53,35 +30,6 @@ class Prediction:
         if not with_features:
             out.pop("features")
         return out
-
-
-def context_vector(context: Mapping[str, float]) -> list[float]:
-    """Request context in model order; a missing feature is sent as NaN (imputed in Triton)."""
-    unknown = set(context) - set(CONTEXT_FEATURES)
-    if unknown:
-        raise ValueError(f"unknown context features: {sorted(unknown)}")
-    return [float(context.get(name, float("nan"))) for name in CONTEXT_FEATURES]
-
-
-def ensemble_inputs(
-    module: Any, user_ids: Sequence[str], merchant_ids: Sequence[str], context: Any
-) -> list:
-    ctx = np.asarray(context, dtype=np.float32).reshape(len(user_ids), -1)
-    tensors = [
-        ("user_id", np.array([[u.encode()] for u in user_ids], dtype=object), "BYTES"),
-        ("merchant_id", np.array([[m.encode()] for m in merchant_ids], dtype=object), "BYTES"),
-        ("context", ctx, "FP32"),
-    ]
-    out = []
-    for name, arr, dtype in tensors:
-        inp = module.InferInput(name, list(arr.shape), dtype)
-        inp.set_data_from_numpy(arr)
-        out.append(inp)
-    return out
-
-
-def decode(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class FraudClient:

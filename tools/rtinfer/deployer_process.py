@@ -10,9 +10,9 @@ import logging
 
 from gateway.lifecycle.mlflow_registry import ensure_webhook
 from gateway.lifecycle.service import webhook_secret
+from gateway.settings import Settings
 from rtinfer.gateway_server import gateway_url, spawn_settled
 from rtinfer.procs import Launch, Process, spawn_program
-from rtinfer.settings import Settings
 
 log = logging.getLogger(__name__)
 

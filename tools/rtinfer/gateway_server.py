@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 from pydantic import SecretBytes, SecretStr
 
+from gateway.settings import REPO_ROOT, Settings
 from rtinfer.procs import Launch, Process, ProgramSpec, spawn_program, wait_until
-from rtinfer.settings import REPO_ROOT, Settings
 
 ENV_PREFIX = "RTINFER_"
 

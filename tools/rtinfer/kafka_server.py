@@ -24,6 +24,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
+from gateway.settings import REPO_ROOT
 from rtinfer.procs import (
     Launch,
     Process,
@@ -33,7 +34,6 @@ from rtinfer.procs import (
     spawn_program,
     wait_until,
 )
-from rtinfer.settings import REPO_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,12 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from gateway.catalog.dsn import PostgresDsn, password_file
 from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
 
 log = logging.getLogger(__name__)
@@ -47,36 +45,6 @@ SUPERUSER = "postgres"
 SERVER_OS_USER = "postgres"
 #: unix socket paths are limited to 107 bytes (sun_path)
 _MAX_SOCKET_PATH = 107
-
-
-@dataclass(frozen=True)
-class PostgresDsn:
-    """Where and as whom to connect."""
-
-    host: str
-    port: int
-    user: str
-    database: str
-    password: str = field(repr=False)
-
-    @property
-    def conninfo(self) -> str:
-        """libpq ``key=value`` string, e.g. for ``psycopg.connect``."""
-        return make_conninfo(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            dbname=self.database,
-            password=self.password,
-        )
-
-    @property
-    def url(self) -> str:
-        """``postgresql://`` URL (password percent-encoded)."""
-        return (
-            f"postgresql://{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-            f"@{self.host}:{self.port}/{quote(self.database, safe='')}"
-        )
 
 
 def postgres_bin_dir() -> Path:
@@ -98,20 +66,6 @@ def postgres_bin_dir() -> Path:
     )
 
 
-def dsn(
-    data_dir: Path,
-    port: int,
-    host: str = "127.0.0.1",
-    user: str = "rtinfer",
-    database: str = "rtinfer",
-) -> PostgresDsn:
-    """Connection settings of the instance in ``data_dir`` (reads its password file)."""
-    pw_file = _password_file(data_dir)
-    if not pw_file.exists():
-        raise ProcessError(f"no password file {pw_file}; start the instance first")
-    return PostgresDsn(host, port, user, database, pw_file.read_text().strip())
-
-
 def start_postgres(
     data_dir: Path,
     port: int,
@@ -131,7 +85,7 @@ def start_postgres(
     bin_dir = postgres_bin_dir()
     owner = _server_owner()
     runas = _runas_prefix(owner)
-    pgdata, socket_dir, pw_file = data_dir / "pgdata", data_dir / "socket", _password_file(data_dir)
+    pgdata, socket_dir, pw_file = data_dir / "pgdata", data_dir / "socket", password_file(data_dir)
 
     socket_path = socket_dir / f".s.PGSQL.{port}"
     if len(str(socket_path)) > _MAX_SOCKET_PATH:
@@ -197,10 +151,6 @@ def stop_postgres(proc: Process, timeout_s: float = 30.0) -> None:
     Works on a ``ManagedProcess`` rebuilt from a pid file too.
     """
     proc.stop(timeout_s=timeout_s, sig=signal.SIGINT)
-
-
-def _password_file(data_dir: Path) -> Path:
-    return data_dir / "password"
 
 
 def _server_owner() -> pwd.struct_passwd | None:

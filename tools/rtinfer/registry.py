@@ -39,10 +39,11 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from pydantic import ValidationError
 
+from gateway.lifecycle.artifacts import DESCRIPTOR_FILES, MODEL_FILES
+from gateway.lifecycle.mlflow_registry import MLMODEL_FILE
 from python_backend.feature_spec import (
     FEATURE_SPEC_FILE,
     METADATA_FILE,
-    TRAINING_STATS_FILE,
     FeatureSpec,
     ModelMetadata,
 )
@@ -54,12 +55,8 @@ DEMO_MODELS = ("fraud_xgb", "fraud_nn", "fraud_context_lr")
 EXPERIMENT = "rtinfer-models"
 #: artifact path of the files inside the run
 ARTIFACT_PATH = "model"
-#: metadata.json ``artifacts`` kind -> the only file name registered for it
-MODEL_FILES = {"onnx": "model.onnx", "xgboost": "xgboost.json"}
-DESCRIPTOR_FILES = (FEATURE_SPEC_FILE, TRAINING_STATS_FILE, METADATA_FILE)
 #: formats that execute code when loaded (pickle and its wrappers), or MLflow flavor dirs
 REFUSED_SUFFIXES = frozenset({".pkl", ".pickle", ".joblib", ".dill", ".pt", ".pth"})
-MLMODEL_FILE = "MLmodel"
 #: protocol 2+ pickles start with the PROTO opcode and the protocol number
 PICKLE_HEADERS = tuple(bytes([0x80, p]) for p in range(2, 6))
 

@@ -27,18 +27,19 @@ from pathlib import Path
 import redis
 from pydantic import SecretStr
 
+from gateway.catalog.dsn import dsn
+from gateway.catalog.migrate import apply_migrations
+from gateway.repository.render import render_repository
 from gateway.secret_files import read_or_create_secret
+from gateway.settings import Settings
 from rtinfer.deployer_process import register_webhook, start_deployer
 from rtinfer.features import load_demo_features
 from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
-from rtinfer.migrate import apply_migrations
 from rtinfer.mlflow_server import spawn_mlflow, tracking_uri, wait_mlflow
-from rtinfer.postgres_server import dsn, start_postgres, stop_postgres
+from rtinfer.postgres_server import start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, Process, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
-from rtinfer.render import render_repository
-from rtinfer.settings import Settings
 from rtinfer.supervisor import LIVE_STATES, Supervisor
 from rtinfer.triton_server import TritonPorts, reap_orphan_stubs, start_triton
 from rtinfer.worker_process import WORKER_PREFIX, start_worker, worker_name
@@ -81,7 +82,7 @@ class StackState:
     gateway: ServiceState | None = None
     #: ``python -m gateway.lifecycle``: MLflow webhook receiver, reconcile loop, watcher
     deployer: ServiceState | None = None
-    #: ``python -m gateway.worker`` processes; ``port`` is each one's /metrics port
+    #: ``python -m gateway.asyncpred.worker`` processes; ``port`` is each one's /metrics port
     async_workers: list[ServiceState] = field(default_factory=list)
     #: supervisord of this stack
     supervisor_pid: int | None = None

@@ -13,11 +13,11 @@ import redis
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from gateway.catalog.dsn import dsn
+from gateway.settings import Settings
 from rtinfer.gateway_server import gateway_url
 from rtinfer.mlflow_server import healthy
-from rtinfer.postgres_server import dsn
 from rtinfer.procs import pid_alive
-from rtinfer.settings import Settings
 from rtinfer.stack import ServiceState, StackState
 from rtinfer.supervisor import LIVE_STATES, Supervisor
 from rtinfer.triton_server import http_ok

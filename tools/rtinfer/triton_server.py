@@ -26,8 +26,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.repository.render import served_models
 from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
-from rtinfer.render import served_models
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Async-prediction workers as stack services: ``python -m gateway.worker`` processes.
+"""Async-prediction workers as stack services: ``python -m gateway.asyncpred.worker`` processes.
 
 Each worker gets the stack's resolved settings (see ``rtinfer.gateway_server.settings_env``)
 and a ``/metrics`` port of its own; it counts as started once that port answers, which
@@ -7,9 +7,9 @@ happens after its serving core is open and its Kafka consumer subscribed.
 
 from __future__ import annotations
 
+from gateway.settings import Settings
 from rtinfer.gateway_server import spawn_settled
 from rtinfer.procs import Launch, Process, free_port, spawn_program
-from rtinfer.settings import Settings
 
 WORKER_PREFIX = "async-worker"
 
@@ -45,7 +45,7 @@ def start_worker(
     name = worker_name(index)
     proc = spawn_settled(
         name,
-        "gateway.worker",
+        "gateway.asyncpred.worker",
         settings,
         settings.state_dir / "async-worker" / f"{name}.log",
         f"http://{host}:{port}/metrics",

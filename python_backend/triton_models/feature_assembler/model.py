@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend.breaker import BreakerState, CircuitBreaker
+from python_backend.contract import CONTEXT, INPUTS, MERCHANT_ID, USER_ID
 from python_backend.feature_spec import FEATURE_SPEC_FILE, FeatureSpec
 from python_backend.features.assembler import (
     AssemblerStats,
@@ -24,7 +26,6 @@ from python_backend.features.assembler import (
     FeatureAssembler,
     online_fields,
 )
-from python_backend.features.breaker import BreakerState, CircuitBreaker
 from python_backend.features.cache import EntityCache
 from python_backend.features.keys import DEFAULT_KEY_PREFIX
 from python_backend.features.store import RedisFeatureStore, redis_client_from_url
@@ -148,15 +149,15 @@ class _Metrics:
 
 def _read_request(request: Any) -> AssemblyInput | AssemblyError:
     tensors = {}
-    for name in ("user_id", "merchant_id", "context"):
+    for name in INPUTS:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             return AssemblyError(f"missing input {name}")
         tensors[name] = tensor.as_numpy()
     return AssemblyInput(
-        user_ids=tensors["user_id"].reshape(-1).tolist(),
-        merchant_ids=tensors["merchant_id"].reshape(-1).tolist(),
-        context=tensors["context"],
+        user_ids=tensors[USER_ID].reshape(-1).tolist(),
+        merchant_ids=tensors[MERCHANT_ID].reshape(-1).tolist(),
+        context=tensors[CONTEXT],
     )
 
 

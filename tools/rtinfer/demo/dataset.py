@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from python_backend import contract
 from python_backend.feature_spec import (
     ONLINE_GROUPS,
     FeatureDef,
@@ -94,20 +95,21 @@ MERCHANT_FEATURES: tuple[FeatureBounds, ...] = _group(
     ],
 )
 
+#: range of each context feature; the order (and the set) is the contract's
+_CONTEXT_BOUNDS: dict[str, tuple[float, float]] = {
+    "amount": (0, 25000),
+    "hour_of_day": (0, 23),
+    "day_of_week": (0, 6),
+    "channel": (0, 2),  # 0 web, 1 app, 2 pos
+    "is_international": (0, 1),
+    "card_present": (0, 1),
+    "device_age_days": (0, 3650),
+    "ip_risk_score": (0, 1),
+    "distance_from_home_km": (0, 20000),
+    "is_new_device": (0, 1),
+}
 CONTEXT_FEATURES: tuple[FeatureBounds, ...] = _group(
-    "context",
-    [
-        ("amount", 0, 25000),
-        ("hour_of_day", 0, 23),
-        ("day_of_week", 0, 6),
-        ("channel", 0, 2),  # 0 web, 1 app, 2 pos
-        ("is_international", 0, 1),
-        ("card_present", 0, 1),
-        ("device_age_days", 0, 3650),
-        ("ip_risk_score", 0, 1),
-        ("distance_from_home_km", 0, 20000),
-        ("is_new_device", 0, 1),
-    ],
+    "context", [(name, *_CONTEXT_BOUNDS[name]) for name in contract.CONTEXT_FEATURES]
 )
 
 #: All 50 features in model-input order: user, merchant, context.

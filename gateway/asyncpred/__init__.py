@@ -1,0 +1,2 @@
+"""Async predictions: the REST door, job messages, the worker, results, tokens, offsets and
+signed callbacks."""

@@ -1,0 +1,280 @@
+"""The async REST door: submit a prediction to Kafka (202 + token), poll its result.
+
+``POST /predict/{model}/async`` answers 202 only after Kafka confirmed the job (``acks=all``,
+idempotent producer): a gateway that crashes afterwards loses nothing. If Kafka does not
+confirm within ``enqueue_timeout_s`` the answer is 503 ``enqueue_unavailable`` and the job
+counts as not accepted. The model must be in the catalog (404 before anything is queued) and
+a callback URL must pass the address check now (422 naming ``callback_url``); workers check
+it again before every delivery.
+
+``GET /predict/{model}/async/{token}`` reads the result a worker stored in Redis; see
+:mod:`gateway.asyncpred.tokens` for how ``pending`` is told from an unknown job without any write
+at submit time. A job is visible only to the API key that submitted it (and to admin keys):
+for any other key it is 404 ``job_not_found``, exactly as an unknown or expired token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from gateway.asyncpred.callback_url import (
+    CallbackUrlError,
+    parse_callback_url,
+    parse_networks,
+    resolve_callback,
+)
+from gateway.asyncpred.config import secret_bytes
+from gateway.asyncpred.confirmed_producer import ConfirmedProducer, DeliveryFailed
+from gateway.asyncpred.metrics import AsyncDoorMetrics
+from gateway.asyncpred.results import ResultStore, ResultStoreError
+from gateway.asyncpred.schemas import AsyncAccepted, AsyncJob, AsyncPredictRequest, AsyncStatus
+from gateway.asyncpred.tokens import NO_OWNER, issue_token, may_be_pending, may_read, read_token
+from gateway.auth.guards import PRINCIPAL, auth_guard
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    UpstreamUnavailable,
+)
+from gateway.http.deps import Authenticate, is_admin
+from gateway.http.responses import OrjsonResponse
+from gateway.metrics import GatewayMetrics
+from gateway.schemas import REQUEST_ID_HEADER, ErrorResponse, new_request_id, valid_request_id
+from gateway.serving.core import kafka_bootstrap, result_store_url
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TOKEN_SECRET_FILE = "token-secret"
+
+
+class EnqueueUnavailable(GatewayError):
+    """Kafka did not confirm the job: it was not accepted."""
+
+    status, code = 503, "enqueue_unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ResultStoreUnavailable(GatewayError):
+    status, code = 503, "result_store_unavailable"
+
+
+class AsyncJobNotFound(NotFound):
+    """No job of this model with this token that the caller may read (or it expired)."""
+
+    code = "job_not_found"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who polls or submits: ``key_id`` None on a gateway without authentication."""
+
+    key_id: str | None
+    is_admin: bool = False
+
+    @property
+    def owner(self) -> str:
+        return self.key_id if self.key_id is not None else NO_OWNER
+
+    @classmethod
+    def of(cls, request: Request, authenticated: bool) -> Caller:
+        if not authenticated:
+            return cls(None)
+        principal = getattr(request.state, PRINCIPAL, None)
+        key_id = getattr(principal, "key_id", None)
+        return cls(str(key_id) if key_id is not None else NO_OWNER, is_admin(principal))
+
+
+class AsyncPredictDoor:
+    """Per app: the job producer (created on first use), the result store, the token key."""
+
+    def __init__(self, settings: Settings, metrics: GatewayMetrics) -> None:
+        self._settings = settings
+        self._config = settings.gateway.async_predict
+        self._allowed = parse_networks(self._config.allowed_callback_networks)
+        self.metrics = AsyncDoorMetrics(metrics.registry)
+        self._producer: ConfirmedProducer | None = None
+        self._store: ResultStore | None = None
+        self._token_key = b""
+
+    async def open(self) -> None:
+        """Load (or create) the token secret; clients connect on first use."""
+        self._token_key = secret_bytes(
+            self._config.token_secret, self._settings.state_dir, TOKEN_SECRET_FILE
+        )
+        self._store = ResultStore.from_url(
+            result_store_url(self._settings), self._config.result_ttl_s
+        )
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.close, 5.0)
+
+    def _jobs(self) -> ConfirmedProducer:
+        if self._producer is None:
+            self._producer = ConfirmedProducer(
+                kafka_bootstrap(self._settings),
+                client_id="rtinfer-async-enqueue",
+                timeout_s=self._config.enqueue_timeout_s,
+            )
+        return self._producer
+
+    async def submit(
+        self, model_name: str, body: AsyncPredictRequest, request_id: str, caller: Caller
+    ) -> AsyncAccepted:
+        if body.callback_url is not None:
+            try:
+                await resolve_callback(
+                    parse_callback_url(body.callback_url),
+                    self._allowed,
+                    timeout_s=self._config.dns_timeout_s,
+                )
+            except CallbackUrlError as exc:
+                raise InvalidRequest(f"callback_url: {exc}") from None
+        token = issue_token(self._token_key, model_name, caller.owner)
+        job = AsyncJob(
+            job_id=token.job_id,
+            token=token.text,
+            model_name=model_name,
+            request=body.prediction_request(request_id),
+            callback_url=body.callback_url,
+            submitted_at=time.time(),
+            submitted_by=caller.key_id,
+        )
+        try:
+            partition, offset = await self._jobs().send(
+                self._config.requests_topic, token.job_id.encode(), job.model_dump_json().encode()
+            )
+        except DeliveryFailed as exc:
+            self.metrics.enqueue_failures.labels(exc.reason).inc()
+            ambiguous = " (rarely, it may still run)" if exc.reason == "timeout" else ""
+            raise EnqueueUnavailable(
+                f"the job was not accepted{ambiguous}: {exc}; submit it again"
+            ) from None
+        self.metrics.enqueued.labels(model_name).inc()
+        log.info(
+            "async job accepted",
+            extra={
+                "fields": {
+                    "event": "async_job_accepted",
+                    "request_id": request_id,
+                    "job_id": token.job_id,
+                    "model": model_name,
+                    "partition": partition,
+                    "offset": offset,
+                    "callback": body.callback_url is not None,
+                }
+            },
+        )
+        return AsyncAccepted(
+            token=token.text,
+            model_name=model_name,
+            request_id=request_id,
+            poll_url=f"/predict/{model_name}/async/{token.text}",
+        )
+
+    async def status(self, model_name: str, text: str, caller: Caller) -> AsyncStatus | bytes:
+        """The stored result's JSON (as the callback got it), else pending; else 404."""
+        token = read_token(self._token_key, model_name, text)
+        if token is None or not may_read(token, caller.key_id, caller.is_admin):
+            raise AsyncJobNotFound(_not_found(model_name))
+        assert self._store is not None
+        try:
+            stored = await self._store.get(token.job_id)
+        except ResultStoreError as exc:
+            raise ResultStoreUnavailable(f"the result store is unavailable: {exc}") from None
+        if stored is not None:
+            return stored
+        if may_be_pending(token, self._config.result_ttl_s):
+            return AsyncStatus(
+                token=text, status="pending", model_name=model_name, submitted_at=token.issued_at
+            )
+        raise AsyncJobNotFound(_not_found(model_name))
+
+
+def _not_found(model_name: str) -> str:
+    return (
+        f"no async job of {model_name} with this token for this API key (unknown, issued for "
+        "another key or model, or older than the result TTL)"
+    )
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def _door(request: Request) -> AsyncPredictDoor:
+    return request.app.state.async_predict  # type: ignore[no-any-return]
+
+
+def _require_model(request: Request, model_name: str) -> None:
+    catalog = request.app.state.gateway.catalog
+    if not catalog.loaded:
+        raise UpstreamUnavailable("the model catalog has not been loaded yet")
+    if catalog.get(model_name) is None:
+        raise ModelNotFound(f"unknown model {model_name!r}")
+
+
+def build_async_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
+    router = APIRouter()
+    authenticated = authenticate is not None
+    guarded: list[Any] = [Depends(auth_guard(metrics, authenticate))] if authenticated else []
+
+    @router.post(
+        "/predict/{model_name}/async",
+        status_code=202,
+        response_model=AsyncAccepted,
+        responses=_errors(401, 404, 413, 422, 429, 503),
+        dependencies=guarded,
+        summary="Queue one prediction; the result is polled or POSTed to callback_url",
+        description="202 once Kafka confirmed the job (Location: the poll URL). The result "
+        "has the body of the sync predict. Callbacks are signed (X-RTInfer-Signature, see "
+        "docs/gateway.md) and delivered at least once. 503 enqueue_unavailable: not accepted.",
+    )
+    async def submit(model_name: str, body: AsyncPredictRequest, request: Request) -> Response:
+        request_id = (
+            body.request_id
+            or valid_request_id(request.headers.get(REQUEST_ID_HEADER))
+            or new_request_id()
+        )
+        request.state.request_id = request_id
+        _require_model(request, model_name)
+        accepted = await _door(request).submit(
+            model_name, body, request_id, Caller.of(request, authenticated)
+        )
+        return OrjsonResponse(
+            accepted.model_dump(),
+            status_code=202,
+            headers={"Location": accepted.poll_url, REQUEST_ID_HEADER: request_id},
+        )
+
+    @router.get(
+        "/predict/{model_name}/async/{token}",
+        response_model=AsyncStatus,
+        responses=_errors(401, 404, 429, 503),
+        dependencies=guarded,
+        summary="Status and result of an async prediction",
+        description="pending, done (result as the sync predict's body) or failed (error). "
+        "404 job_not_found: not a token issued for this model, issued to another API key "
+        "(admin keys read every job), or older than the result TTL.",
+    )
+    async def poll(model_name: str, token: str, request: Request) -> Response:
+        found = await _door(request).status(model_name, token, Caller.of(request, authenticated))
+        if isinstance(found, bytes):
+            return Response(found, media_type="application/json")
+        return OrjsonResponse(found.model_dump())
+
+    return router

@@ -1,0 +1,1 @@
+"""Who may call: API keys, the authentication hook, per-key rate limits and route guards."""

@@ -1,0 +1,1 @@
+"""The HTTP doors of the gateway: the app factory, route modules, ingress and responses."""

@@ -1,0 +1,618 @@
+"""The prediction log: one Kafka message per prediction, spooled to disk when Kafka cannot take it.
+
+``log(record)`` runs on the gateway's event loop right after a response is computed. It
+serializes the record, appends it to an on-disk *journal* (one ``write(2)``, never ``fsync``) and
+hands it to librdkafka's in-memory queue (``produce`` never does network I/O), so it costs
+tens of microseconds and never raises. The journal is what a ``kill -9`` cannot take away:
+a record stays in it until Kafka confirmed it or it reached the spool, and a process opening
+the same spool slot after a crash moves what the journal still holds into the spool, so
+records queued in librdkafka's memory (during ``linger_ms``, or for up to
+``message_timeout_s`` while Kafka is away) survive the process. Two background threads do
+the rest:
+
+* the *pump* serves librdkafka's delivery reports (``poll``): a confirmed message is counted,
+  a failed one (timed out, broker down, producer fatal) is appended to the on-disk
+  :class:`~gateway.predlog.spool.Spool`, as are records ``produce`` refused because the queue was
+  full. It also ``fsync``\\s the spool on its time budget.
+* the *replayer* re-produces spooled records, oldest first, whenever the spool is not empty
+  and the broker answers a metadata request, and acknowledges them in the spool only once
+  Kafka confirmed their delivery.
+
+``close()`` flushes what is queued; whatever is not delivered within its timeout is spooled,
+so a shutdown while Kafka is down loses nothing. Delivery is at least once: see
+``docs/prediction-log.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from gateway.predlog.spool import Spool, SpoolEntry, SpoolError, SpoolFullError
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
+try:
+    import orjson
+except ImportError:  # optional: several times faster than json
+    orjson = None
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+#: sub-directory of the spool slot holding the journal of records in flight
+JOURNAL_DIR = "journal"
+#: how often the pump persists the journal's acknowledged position
+JOURNAL_ACK_INTERVAL_S = 0.2
+
+#: errors a retry cannot fix; such a record is dropped (and counted), not spooled forever
+PERMANENT_ERRORS = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+    }
+)
+
+COUNTERS: dict[str, str] = {
+    "produced": "Prediction records handed to the Kafka producer.",
+    "delivered": "Prediction records whose delivery Kafka confirmed.",
+    "failed": "Prediction records Kafka did not take in time (sent to the spool).",
+    "spooled": "Prediction records written to the on-disk spool.",
+    "replayed": "Spooled prediction records delivered to Kafka on replay.",
+    "dropped": "Prediction records lost: unserializable, permanently rejected or spool full.",
+    "recovered": "Records a crashed process left in flight, moved from its journal to the spool.",
+    "unjournaled": "Prediction records the journal could not take (sent without crash safety).",
+}
+
+
+class PredictionLog(Protocol):
+    """What the gateway needs from a prediction log."""
+
+    def log(self, record: Mapping[str, Any]) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+def feature_hash(features: Sequence[float] | np.ndarray) -> str:
+    """SHA-256 (hex) of the features as float32 little-endian bytes."""
+    return hashlib.sha256(np.asarray(features, dtype="<f4").tobytes()).hexdigest()
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+    """The Kafka message value: the record plus ``schema_version`` and ``feature_hash``.
+
+    Compact JSON on one line; numpy scalars and arrays become numbers and lists, non-finite
+    floats become ``null``.
+    """
+    features = record.get("features")
+    message = {
+        "schema_version": SCHEMA_VERSION,
+        **record,
+        "feature_hash": feature_hash(features) if features is not None else None,
+    }
+    if orjson is not None:
+        return orjson.dumps(message, default=_jsonable, option=orjson.OPT_SERIALIZE_NUMPY)
+    try:
+        text = json.dumps(message, separators=(",", ":"), allow_nan=False, default=_jsonable)
+    except ValueError:  # NaN/inf somewhere: rare, so only then walk the record
+        text = json.dumps(_finite(message), separators=(",", ":"), default=_jsonable)
+    return text.encode()
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode(errors="replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, (np.generic, np.ndarray)):
+        obj = _jsonable(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _every_power_of_two(n: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th... occurrence of a repeated error, not each one."""
+    return n & (n - 1) == 0
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)
+
+    def add(self, name: str, n: int = 1) -> int:
+        with self._lock:
+            self._counts[name] += n
+            return self._counts[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class _InFlight:
+    """Journal positions of records not yet confirmed or spooled; settles them in any order
+    and tells the oldest position before which every record is settled."""
+
+    def __init__(self, first_ordinal: int) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, SpoolEntry] = {}
+        self._settled: set[int] = set()
+        self._next = first_ordinal
+        self._last: SpoolEntry | None = None
+
+    def add(self, entry: SpoolEntry) -> None:
+        with self._lock:
+            self._entries[entry.ordinal] = entry
+
+    def settle(self, ordinal: int | None) -> None:
+        if ordinal is None:
+            return
+        with self._lock:
+            self._settled.add(ordinal)
+            while self._next in self._settled and self._next in self._entries:
+                self._settled.remove(self._next)
+                self._last = self._entries.pop(self._next)
+                self._next += 1
+
+    def take_settled(self) -> SpoolEntry | None:
+        """The newest position everything before which is settled, once."""
+        with self._lock:
+            last, self._last = self._last, None
+            return last
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+class _ReplayBatch:
+    """Spooled records re-produced together; acknowledged up to the first failure."""
+
+    def __init__(self, entries: list[SpoolEntry]) -> None:
+        self.entries = entries
+        self.results: list[KafkaError | bool | None] = [False] * len(entries)  # False: pending
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._settled = 0
+        self._sent: int | None = None  # known once sealed
+
+    def callback(self, index: int) -> Callable[[KafkaError | None, Message], None]:
+        """The delivery callback of ``entries[index]``."""
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            with self._lock:
+                self.results[index] = err
+                self._settled += 1
+                if self._settled == self._sent:
+                    self.done.set()
+
+        return on_delivery
+
+    def seal(self, sent: int) -> None:
+        """``sent`` records (the first ones) were produced; no more will be."""
+        with self._lock:
+            self._sent = sent
+            if self._settled == sent:
+                self.done.set()
+
+    def finished_prefix(self) -> tuple[int, int, int]:
+        """(records at the head that are finished, of which delivered, of which dropped)."""
+        delivered = dropped = 0
+        with self._lock:
+            for result in self.results:
+                if result is None:
+                    delivered += 1
+                elif isinstance(result, KafkaError) and result.code() in PERMANENT_ERRORS:
+                    dropped += 1
+                else:
+                    break
+        return delivered + dropped, delivered, dropped
+
+
+class KafkaPredictionLog:
+    """Prediction records to Kafka (``arm == "shadow"`` to ``shadow_topic``), keyed by request id.
+
+    Starts its background threads on construction; call ``close`` once the gateway stops
+    taking requests (from ``lifespan``: ``await asyncio.to_thread(plog.close, 10.0)``).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        spool_dir: Path | str,
+        topic: str = "predictions",
+        shadow_topic: str = "predictions-shadow",
+        message_timeout_s: float = 30.0,
+        linger_ms: float = 5.0,
+        compression: str = "lz4",
+        max_queued_messages: int = 100_000,
+        max_queued_kbytes: int = 128 * 1024,
+        max_overflow: int = 100_000,
+        spool_max_bytes: int = 1 << 30,
+        replay_batch: int = 500,
+        replay_interval_s: float = 1.0,
+        producer_config: Mapping[str, Any] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.topic = topic
+        self.shadow_topic = shadow_topic
+        self._message_timeout_s = message_timeout_s
+        self._max_overflow = max_overflow
+        self._replay_batch = replay_batch
+        self._replay_interval_s = replay_interval_s
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": "rtinfer-prediction-log",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": linger_ms,
+            "compression.type": compression,
+            "queue.buffering.max.messages": max_queued_messages,
+            "queue.buffering.max.kbytes": max_queued_kbytes,
+            "message.timeout.ms": int(message_timeout_s * 1000),
+            "reconnect.backoff.max.ms": 1000,  # find a restarted broker within a second
+            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            "error_cb": self._on_error,
+            **(producer_config or {}),
+        }
+        self._stats = _Stats()
+        # records produce() refused (queue full) with their journal ordinal; the pump moves
+        # them to the spool
+        self._overflow: collections.deque[tuple[bytes, int | None]] = collections.deque()
+        self._stop = threading.Event()
+        self._fatal = threading.Event()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._pending_replay: _ReplayBatch | None = None
+        self._spool = Spool(spool_dir, max_bytes=spool_max_bytes)
+        try:
+            self._journal = Spool(
+                Path(spool_dir) / JOURNAL_DIR,
+                max_bytes=spool_max_bytes,
+                durable=False,  # appended on the event loop: never wait on the disk
+                rotate_when_caught_up=False,
+            )
+        except BaseException:
+            self._spool.close()
+            raise
+        try:
+            self._recover_journal()
+            self._in_flight = _InFlight(self._journal.next_ordinal)
+            self._journal_acked_at = time.monotonic()
+            self._producer = Producer(self._config)
+        except BaseException:
+            self._journal.close()
+            self._spool.close()
+            raise
+        self._pump = threading.Thread(target=self._pump_loop, name="plog-pump", daemon=True)
+        self._replayer = threading.Thread(target=self._replay_loop, name="plog-replay", daemon=True)
+        self._pump.start()
+        self._replayer.start()
+        self._registry = registry
+        self._collector = _PrometheusCollector(self)
+        if registry is not None:
+            registry.register(self._collector)
+
+    # -- the request path ----------------------------------------------------------------
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Queue one prediction record for Kafka. Non-blocking; never raises."""
+        try:
+            if self._closed:
+                raise RuntimeError("prediction log is closed")
+            value = encode_record(record)
+            topic = self.shadow_topic if record.get("arm") == "shadow" else self.topic
+            request_id = record.get("request_id")
+            key = None if request_id is None else str(request_id)
+        except Exception:
+            if _every_power_of_two(self._stats.add("dropped")):
+                log.exception("prediction record dropped (not serializable or log closed)")
+            return
+        ordinal = self._journal_append(value)
+        try:
+            self._producer.produce(
+                topic, value, key, on_delivery=functools.partial(self._on_delivery, ordinal)
+            )
+            self._stats.add("produced")
+        except BufferError:  # librdkafka's queue is full: Kafka has been away for a while
+            self._stats.add("failed")
+            self._to_overflow(value, ordinal)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() in PERMANENT_ERRORS:
+                self._drop(f"rejected by the producer: {err}", ordinal=ordinal)
+            else:
+                self._stats.add("failed")
+                self._to_overflow(value, ordinal)
+        except Exception:
+            self._drop("produce failed unexpectedly", exc_info=True, ordinal=ordinal)
+
+    def _journal_append(self, value: bytes) -> int | None:
+        """Journal the record; its ordinal, or None when the journal cannot take it (the
+        record still goes to Kafka, only without crash protection)."""
+        try:
+            entry = self._journal.append(value)
+        except (SpoolError, ValueError) as exc:
+            if _every_power_of_two(self._stats.add("unjournaled")):
+                log.error("prediction log journal refused a record: %s", exc)
+            return None
+        self._in_flight.add(entry)
+        return entry.ordinal
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start (see ``COUNTERS``) plus the spool's depth and size."""
+        return {
+            **self._stats.snapshot(),
+            "spool_depth": self._spool.depth,
+            "spool_bytes": self._spool.size_bytes,
+            "in_flight": len(self._in_flight),
+        }
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Deliver what is queued within ``timeout_s``; spool the rest; stop the threads."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._replayer.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._pump.join(timeout=max(0.1, deadline - time.monotonic()))
+        remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        if remaining:
+            log.warning(
+                "%d prediction records not delivered within %.1fs; spooling them",
+                remaining, timeout_s,
+            )  # fmt: skip
+            self._purge(self._producer)
+        if self._pending_replay is not None:
+            self._finish_replay(self._pending_replay)
+        self._drain_overflow()
+        self._ack_journal()
+        self._journal.close()
+        self._spool.close()
+        log.info("prediction log closed: %s", self.stats())
+        if self._registry is not None:  # a log opened later on this registry takes its names
+            self._registry.unregister(self._collector)
+
+    # -- delivery reports and the spool (pump thread, or close) --------------------------
+
+    def _on_delivery(self, ordinal: int | None, err: KafkaError | None, msg: Message) -> None:
+        try:
+            if err is None:
+                self._stats.add("delivered")
+            elif err.code() in PERMANENT_ERRORS:
+                self._drop(f"rejected by Kafka: {err}")
+            else:
+                n = self._stats.add("failed")
+                if _every_power_of_two(n):
+                    log.warning(
+                        "prediction record not delivered (%s); spooling (%d so far)", err, n
+                    )
+                value = msg.value()
+                if value is not None:
+                    self._to_spool(value)
+        except Exception:  # an exception here would surface in poll() instead
+            log.exception("delivery report handling failed")
+        finally:
+            self._in_flight.settle(ordinal)
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("prediction log producer failed fatally: %s; replacing it", err)
+            self._fatal.set()
+        elif err.code() == KafkaError._TRANSPORT:  # each reconnect attempt; librdkafka retries
+            log.debug("prediction log: %s", err)
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("prediction log: Kafka unreachable (%s); records will be spooled", err)
+        else:
+            log.warning("prediction log producer error: %s", err)
+
+    def _to_overflow(self, value: bytes, ordinal: int | None) -> None:
+        if len(self._overflow) >= self._max_overflow:
+            self._drop("the overflow queue is full", ordinal=ordinal)
+        else:
+            self._overflow.append((value, ordinal))
+
+    def _drain_overflow(self) -> None:
+        while self._overflow:
+            value, ordinal = self._overflow.popleft()
+            self._to_spool(value)
+            self._in_flight.settle(ordinal)
+
+    def _to_spool(self, value: bytes) -> None:
+        try:
+            self._spool.append(value)
+        except SpoolFullError as exc:
+            self._drop(str(exc))
+        except (SpoolError, ValueError) as exc:
+            self._drop(f"spool write failed: {exc}")
+        else:
+            self._stats.add("spooled")
+
+    def _drop(self, reason: str, exc_info: bool = False, ordinal: int | None = None) -> None:
+        self._in_flight.settle(ordinal)
+        n = self._stats.add("dropped")
+        if _every_power_of_two(n):
+            log.error(
+                "prediction record dropped: %s (%d dropped so far)", reason, n, exc_info=exc_info
+            )
+
+    def _purge(self, producer: Producer) -> None:
+        """Fail everything queued or in flight; the delivery reports spool those records."""
+        producer.purge(in_queue=True, in_flight=True)
+        producer.flush(5.0)  # purged messages report at once
+
+    def _ack_journal(self) -> None:
+        """Persist the journal position before which every record is confirmed or spooled."""
+        settled = self._in_flight.take_settled()
+        if settled is not None:
+            self._journal.ack(settled)
+        self._journal_acked_at = time.monotonic()
+
+    def _recover_journal(self) -> None:
+        """Move what a previous owner of this slot left in flight into the spool."""
+        moved = 0
+        while entries := self._journal.read(self._replay_batch):
+            for entry in entries:
+                self._to_spool(entry.payload)
+            self._journal.ack(entries[-1])
+            moved += len(entries)
+        if moved:
+            self._stats.add("recovered", moved)
+            log.warning(
+                "moved %d in-flight prediction records of a crashed process to the spool", moved
+            )
+
+    def _pump_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._producer.poll(0.05)
+                self._drain_overflow()
+                self._spool.sync_if_due()
+                if time.monotonic() - self._journal_acked_at >= JOURNAL_ACK_INTERVAL_S:
+                    self._ack_journal()
+                if self._fatal.is_set():
+                    self._replace_producer()
+            except Exception:
+                log.exception("prediction log pump iteration failed")
+                self._stop.wait(0.5)
+
+    def _replace_producer(self) -> None:
+        old = self._producer
+        self._producer = Producer(self._config)
+        self._fatal.clear()
+        self._purge(old)
+
+    # -- replay (replayer thread) --------------------------------------------------------
+
+    def _replay_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                progressed = (
+                    self._spool.depth > 0
+                    and self._broker_reachable()
+                    and not self._stop.is_set()
+                    and self._replay_once()
+                )
+            except Exception:
+                log.exception("prediction log replay failed")
+                progressed = False
+            if not progressed:
+                self._stop.wait(self._replay_interval_s)
+
+    def _broker_reachable(self) -> bool:
+        try:
+            metadata = self._producer.list_topics(self.topic, timeout=1.0)
+        except KafkaException:
+            return False
+        return bool(metadata.brokers)
+
+    def _replay_once(self) -> bool:
+        """Re-produce one batch from the spool; True when all of it was delivered."""
+        entries = self._spool.read(self._replay_batch)
+        if not entries:
+            return False
+        batch = _ReplayBatch(entries)
+        self._pending_replay = batch
+        sent = 0
+        for entry in entries:
+            topic, key = self._route(entry.payload)
+            try:
+                self._producer.produce(topic, entry.payload, key, on_delivery=batch.callback(sent))
+            except (BufferError, KafkaException) as exc:  # live traffic first; rest next round
+                log.info("replay paused after %d records: %r", sent, exc)
+                break
+            sent += 1
+        batch.seal(sent)
+        deadline = time.monotonic() + self._message_timeout_s + 5.0
+        while not batch.done.wait(0.1):
+            if self._stop.is_set():
+                return False  # close() flushes and acknowledges what was delivered
+            if time.monotonic() > deadline:
+                log.warning("replay batch unconfirmed after %.0fs", self._message_timeout_s + 5)
+                break
+        return self._finish_replay(batch) == len(entries)
+
+    def _finish_replay(self, batch: _ReplayBatch) -> int:
+        """Acknowledge the finished head of ``batch``; return how many records that was."""
+        finished, delivered, dropped = batch.finished_prefix()
+        if finished:
+            self._stats.add("replayed", delivered)  # before the spool shrinks: stats stay ordered
+            if dropped:
+                self._stats.add("dropped", dropped)
+                log.error("%d spooled prediction records rejected permanently by Kafka", dropped)
+            self._spool.ack(batch.entries[finished - 1])
+        self._pending_replay = None
+        return finished
+
+    def _route(self, value: bytes) -> tuple[str, str | None]:
+        """Topic and key of a spooled message value (as ``log`` chose them)."""
+        try:
+            record = json.loads(value)
+        except ValueError:
+            return self.topic, None
+        request_id = record.get("request_id")
+        topic = self.shadow_topic if record.get("arm") == "shadow" else self.topic
+        return topic, None if request_id is None else str(request_id)
+
+
+class _PrometheusCollector:
+    """``stats()`` as Prometheus counters and gauges, read at scrape time."""
+
+    def __init__(self, source: KafkaPredictionLog) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self._source.stats()
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"rtinfer_prediction_log_{name}", doc, value=stats[name])
+        yield GaugeMetricFamily(
+            "rtinfer_prediction_log_spool_records",
+            "Spooled prediction records not yet delivered.",
+            value=stats["spool_depth"],
+        )
+        yield GaugeMetricFamily(
+            "rtinfer_prediction_log_spool_bytes",
+            "Bytes of the prediction log's spool on disk.",
+            value=stats["spool_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "rtinfer_prediction_log_in_flight",
+            "Journaled prediction records Kafka has not confirmed yet (nor the spool taken).",
+            value=stats["in_flight"],
+        )

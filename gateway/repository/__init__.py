@@ -1,0 +1,1 @@
+"""The Triton model repository on disk: layout, model configs and rendering."""

@@ -1,0 +1,251 @@
+"""The serving core every door runs on: catalog, Triton client, prediction log, service.
+
+``open_serving_core`` builds and tears down the pieces behind ``PredictionService`` in one
+place; the REST app's lifespan and the async worker both use it, so both doors predict
+with the same objects built the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.catalog.dsn import dsn
+from gateway.catalog.snapshot import Catalog
+from gateway.errors import GatewayError
+from gateway.http.deps import DiscardPredictionLog, PredictionLog
+from gateway.metrics import GatewayMetrics
+from gateway.predlog.spool import SpoolLockedError
+from gateway.predlog.writer import KafkaPredictionLog
+from gateway.serving.health import HealthTracker
+from gateway.serving.service import PredictionService
+from gateway.serving.triton_client import TritonClient
+from gateway.settings import Settings
+from python_backend.contract import CONTEXT_FEATURES
+
+if TYPE_CHECKING:
+    from gateway.lifecycle.deployer import Deployer
+
+log = logging.getLogger(__name__)
+
+MAX_SPOOL_SLOTS = 64
+
+
+@dataclass(frozen=True)
+class ServingCore:
+    """What ``PredictionService`` runs on, opened together and closed together."""
+
+    pool: AsyncConnectionPool
+    triton: TritonClient
+    catalog: Catalog
+    service: PredictionService
+
+
+def catalog_conninfo(settings: Settings) -> str:
+    """``gateway.postgres_dsn``, else the local stack's instance (its generated password)."""
+    if settings.gateway.postgres_dsn is not None:
+        return settings.gateway.postgres_dsn.get_secret_value()
+    pg = settings.postgres
+    return dsn(settings.state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
+
+
+def catalog_pool(settings: Settings, name: str, max_size: int) -> AsyncConnectionPool:
+    """An unopened autocommit pool on the catalog database."""
+    timeout_s = settings.gateway.postgres_connect_timeout_s
+    return AsyncConnectionPool(
+        catalog_conninfo(settings),
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        timeout=timeout_s,
+        kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+        name=name,
+        check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
+    )
+
+
+def kafka_bootstrap(settings: Settings) -> str:
+    """``gateway.kafka_bootstrap``, else the local stack's broker."""
+    return settings.gateway.kafka_bootstrap or settings.kafka.bootstrap
+
+
+def result_store_url(settings: Settings) -> str:
+    """Async results: ``async_predict.redis_url``, else the gateway's Redis, else the stack's."""
+    gw = settings.gateway
+    url = gw.async_predict.redis_url or gw.redis_url
+    return url.get_secret_value() if url is not None else settings.redis.url
+
+
+def feature_store_url(settings: Settings) -> str:
+    """``gateway.feature_store_url``, else the local stack's Redis (what the assembler reads)."""
+    url = settings.gateway.feature_store_url
+    return url.get_secret_value() if url is not None else settings.redis.url
+
+
+def health_dir(settings: Settings) -> Path:
+    """Where the workers of this gateway share their health counters."""
+    gw = settings.gateway
+    return gw.health_dir or settings.state_dir / "gateway" / f"health-{gw.port}"
+
+
+def open_prediction_log(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> PredictionLog:
+    """The configured prediction log; Kafka with a spool slot of its own per worker process.
+
+    Slots (``slot-0``, ``slot-1``, ...) are claimed by lock, so a restarted worker takes over
+    a slot a previous process left and replays what it had spooled. Its counters and spool
+    gauges (``rtinfer_prediction_log_*``) are exported through ``registry``.
+    """
+    gw = settings.gateway
+    if gw.prediction_log == "discard":
+        return DiscardPredictionLog()
+    bootstrap = kafka_bootstrap(settings)
+    root = gw.spool_dir or settings.state_dir / "spool"
+    for slot in range(MAX_SPOOL_SLOTS):
+        try:
+            return KafkaPredictionLog(
+                bootstrap,
+                spool_dir=root / f"slot-{slot}",
+                linger_ms=gw.prediction_log_linger_ms,
+                registry=registry,
+            )
+        except SpoolLockedError:
+            continue
+    raise RuntimeError(f"all {MAX_SPOOL_SLOTS} prediction-log spool slots in {root} are in use")
+
+
+async def connect_triton(triton: TritonClient, timeout_s: float) -> None:
+    """Open the gRPC channel now rather than on the first prediction; never fatal."""
+    try:
+        if not await triton.is_server_ready(timeout_s):
+            log.warning("triton at %s is not ready yet", triton.url)
+    except GatewayError as exc:
+        log.warning("triton not reachable at startup: %s", exc.message)
+
+
+async def warm_up(triton: TritonClient, catalog: Catalog, timeout_s: float) -> None:
+    """One inference per serving endpoint, so the first caller does not pay for channel and
+    stream set-up (tens of ms, enough to miss a 100 ms deadline); never fatal."""
+    models = catalog.snapshot().models.values()
+    endpoints = {d.serving_endpoint for entry in models for d in entry.deployments}
+    for endpoint in sorted(endpoints):
+        try:
+            await triton.infer(
+                endpoint,
+                "warmup",
+                "warmup",
+                [math.nan] * len(CONTEXT_FEATURES),
+                request_id="warmup",
+                timeout_s=timeout_s,
+            )
+        except GatewayError as exc:
+            log.info("warm-up of %s failed: %s", endpoint, exc.message)
+
+
+@asynccontextmanager
+async def open_serving_core(
+    settings: Settings,
+    metrics: GatewayMetrics,
+    health: HealthTracker,
+    prediction_log: PredictionLog | None = None,
+    *,
+    default_deadline_ms: int | None = None,
+) -> AsyncIterator[ServingCore]:
+    """Postgres pool, catalog (first load awaited), Triton client (warmed up), prediction log
+    (the configured one unless given) and the service over them; closed in reverse order.
+
+    Call it per process: librdkafka threads and the spool lock do not survive a fork.
+    """
+    gw = settings.gateway
+    pool = catalog_pool(settings, "gateway", gw.postgres_pool_size)
+    triton = TritonClient(
+        gw.triton_grpc_url,
+        metrics,
+        max_calls=gw.triton_max_calls,
+        max_batch_rows=gw.triton_max_batch_rows,
+        call_grace_s=gw.triton_call_grace_ms / 1000.0,
+    )
+    catalog = Catalog(
+        pool,
+        refresh_s=gw.catalog_refresh_s,
+        connect_timeout_s=gw.postgres_connect_timeout_s,
+        metrics=metrics,
+    )
+    owned_log = prediction_log is None
+    if prediction_log is None:
+        prediction_log = open_prediction_log(settings, metrics.registry)
+    service: PredictionService | None = None
+    try:
+        await pool.open(wait=False)
+        await catalog.start(gw.catalog_startup_wait_s)
+        await connect_triton(triton, gw.triton_ready_timeout_s)
+        await warm_up(triton, catalog, gw.triton_ready_timeout_s)
+        service = PredictionService(
+            catalog=catalog,
+            triton=triton,
+            metrics=metrics,
+            health=health,
+            prediction_log=prediction_log,
+            default_deadline_ms=default_deadline_ms or gw.default_deadline_ms,
+            shadow_timeout_ms=gw.shadow_timeout_ms,
+            shadow_max_in_flight=gw.shadow_max_in_flight,
+            max_in_flight=gw.max_in_flight,
+        )
+        yield ServingCore(pool, triton, catalog, service)
+    finally:
+        if service is not None:
+            await service.close()  # shadow calls in flight, before Triton and the log close
+        await catalog.close()
+        await pool.close()
+        await triton.close()
+        if owned_log and isinstance(prediction_log, KafkaPredictionLog):
+            # deliver what is queued; the rest goes to the spool, nothing is lost
+            await asyncio.to_thread(prediction_log.close, 10.0)
+
+
+@asynccontextmanager
+async def open_deployer(
+    settings: Settings,
+    *,
+    wait_s: float | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AsyncIterator[Deployer]:
+    """A model deployer over its own Postgres pool (the catalog database) and Triton's
+    repository API at ``gateway.triton_grpc_url``; closed with its pool and client.
+
+    ``wait_s``: wait that long for the first connection (raises ``PoolTimeout``); by default
+    the pool connects in the background. ``registry``: where its metrics are registered.
+    """
+    # imported here: the async worker uses this module and needs none of the lifecycle
+    from gateway.lifecycle.deployer import Deployer
+    from gateway.lifecycle.metrics import LifecycleMetrics
+    from gateway.lifecycle.triton_repo import TritonRepository
+
+    gw = settings.gateway
+    # a change in progress holds its model's advisory lock on one connection through the
+    # drain; history and catalog reads need their own
+    pool = catalog_pool(settings, "deployer", 2 * len(settings.lifecycle.managed_models) + 2)
+    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=settings.lifecycle.load_timeout_s)
+    deployer: Deployer | None = None
+    try:
+        if wait_s is None:
+            await pool.open(wait=False)
+        else:
+            await pool.open(wait=True, timeout=wait_s)
+        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
+        yield deployer
+    finally:
+        if deployer is not None:
+            await deployer.close()
+        await pool.close()
+        await triton.close()
