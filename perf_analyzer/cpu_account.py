@@ -117,7 +117,7 @@ SPECIFIC_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("request/response models (pydantic)", ("pydantic",)),
     (
         "prediction service",
-        ("gateway/serving/service.py", "gateway/serving/canary.py", "gateway/http/"),
+        ("gateway/serving/service.py", "gateway/catalog/traffic.py", "gateway/http/"),
     ),
 )
 #: ... else to the framework stage of its innermost frame that matches one.

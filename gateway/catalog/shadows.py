@@ -24,7 +24,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.catalog.snapshot import DEPLOYMENT_COLUMNS, Deployment
+from gateway.catalog.records import DEPLOYMENT_COLUMNS, Deployment
 from gateway.errors import (
     Conflict,
     GatewayError,

@@ -22,26 +22,19 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from gateway.catalog.records import DEPLOYMENT_COLUMNS, Deployment
+from gateway.catalog.traffic import RoutingTable
 from gateway.metrics import GatewayMetrics
-from gateway.serving.canary import RoutingTable
-from gateway.serving.fallback import ClassPriorFallback, parse_fallback
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "model_catalog"
-
-#: the ``model_deployments`` columns ``Deployment.from_row`` reads, in its order
-DEPLOYMENT_COLUMNS = (
-    "deployment_id, model_name, model_version, serving_endpoint, traffic_pct, "
-    "feature_groups, fallback_config, is_shadow, shadow_sample_pct, deployed_at"
-)
 
 SELECT_ACTIVE = f"""
     SELECT {DEPLOYMENT_COLUMNS}
@@ -57,38 +50,6 @@ _LISTENER_KEEPALIVES = {
     "keepalives_interval": 5,
     "keepalives_count": 3,
 }
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One active catalog row."""
-
-    deployment_id: int
-    model_name: str
-    model_version: str
-    serving_endpoint: str
-    traffic_pct: float
-    feature_groups: tuple[str, ...] = ()
-    fallback: ClassPriorFallback | None = None
-    is_shadow: bool = False
-    shadow_sample_pct: float = 100.0
-    deployed_at: datetime | None = None
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Deployment:
-        (dep_id, model, version, endpoint, traffic, groups, fallback, shadow, sample, at) = row
-        return cls(
-            deployment_id=int(dep_id),
-            model_name=model,
-            model_version=version,
-            serving_endpoint=endpoint,
-            traffic_pct=float(traffic),
-            feature_groups=tuple(str(g) for g in groups),
-            fallback=parse_fallback(fallback, where=f"deployment {dep_id} ({model})"),
-            is_shadow=bool(shadow),
-            shadow_sample_pct=float(sample),
-            deployed_at=at,
-        )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from starlette.responses import Response
 
 from gateway.auth.guards import actor_of, admin_guard, auth_guard
 from gateway.catalog import shadows
-from gateway.catalog.snapshot import Deployment, ModelEntry
+from gateway.catalog.records import Deployment
+from gateway.catalog.snapshot import ModelEntry
 from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
 from gateway.http.deps import Authenticate
 from gateway.http.ingress import RECEIVED_AT

@@ -19,7 +19,8 @@ from typing import Generic, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.catalog.snapshot import Deployment, ModelEntry
+from gateway.catalog.records import Deployment
+from gateway.catalog.snapshot import ModelEntry
 from gateway.errors import GatewayError
 from gateway.schemas import FeatureStoreHealth, ModelHealth, ProbeHealth, TritonModelHealth
 from gateway.serving.health import HealthTracker, WindowStats

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from gateway.catalog.snapshot import Catalog, Deployment, ModelEntry
+from gateway.catalog.records import Deployment
+from gateway.catalog.snapshot import Catalog, ModelEntry
+from gateway.catalog.traffic import Route
 from gateway.errors import (
     DeadlineExceeded,
     GatewayError,
@@ -38,7 +40,6 @@ from gateway.http.deps import PredictionLog
 from gateway.logs import model_var, model_version_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest, PredictResponse
-from gateway.serving.canary import Route
 from gateway.serving.health import HealthTracker
 from gateway.serving.shadow import ShadowMirror
 from gateway.serving.triton_client import InferenceResult, TritonClient

@@ -31,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from gateway.catalog.snapshot import Deployment
+from gateway.catalog.records import Deployment
 from gateway.errors import GatewayError
 from gateway.http.deps import PredictionLog
 from gateway.logs import model_version_var

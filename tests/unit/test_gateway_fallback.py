@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from gateway.serving.fallback import ClassPriorFallback, parse_fallback
+from gateway.catalog.fallback import ClassPriorFallback, parse_fallback
 
 
 def test_class_prior_is_served_with_its_label_and_confidence() -> None:

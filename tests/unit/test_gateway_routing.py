@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from gateway.catalog.snapshot import Deployment
-from gateway.serving.canary import RoutingTable, sticky_bucket
+from gateway.catalog.records import Deployment
+from gateway.catalog.traffic import RoutingTable, sticky_bucket
 
 MODEL = "fraud_xgb"
 USERS = [f"u_{i:06d}" for i in range(10_000)]

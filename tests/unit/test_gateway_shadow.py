@@ -13,8 +13,8 @@ from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
 from gateway.auth.keys import ApiKey
+from gateway.catalog.records import Deployment
 from gateway.catalog.shadows import CatalogUnavailable, remove_shadows
-from gateway.catalog.snapshot import Deployment
 from gateway.errors import ModelNotReady, describe_validation_errors
 from gateway.http.deps import is_admin
 from gateway.metrics import GatewayMetrics

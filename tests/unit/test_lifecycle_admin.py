@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 import gateway.http.app
-from gateway.catalog.snapshot import CatalogSnapshot, Deployment
+from gateway.catalog.records import Deployment
+from gateway.catalog.snapshot import CatalogSnapshot
 from gateway.catalog.swaps import HistoryEntry
 from gateway.errors import Unauthorized
 from gateway.http.deps import GatewayDeps

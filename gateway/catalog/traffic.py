@@ -16,12 +16,9 @@ import hashlib
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from gateway.catalog.records import Deployment
 from gateway.schemas import Arm, DeploymentRole
-
-if TYPE_CHECKING:
-    from gateway.catalog.snapshot import Deployment
 
 _HASH_RANGE = float(2**64)
 
