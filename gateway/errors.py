@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gateway.http.responses import OrjsonResponse
+from gateway.responses import OrjsonResponse
 from gateway.schemas import REQUEST_ID_HEADER, valid_request_id
 
 log = logging.getLogger(__name__)

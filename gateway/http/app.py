@@ -1,8 +1,9 @@
 """The FastAPI app factory: wiring of settings, clients and routes; no import-time state.
 
-``lifespan`` opens the Triton gRPC client, the Postgres pool, the catalog listener and the
-model deployer (unless one is injected), and closes them in reverse order. Everything the
-routes need is on ``app.state.gateway``.
+The lifespan opens the serving core (Triton client, Postgres pool, catalog, prediction log),
+the model deployer (unless one is injected), the per-model health checks and the async
+door, and closes them in reverse order. Everything the routes need is on
+``app.state.gateway`` (:class:`gateway.http.context.Runtime`).
 """
 
 from __future__ import annotations
@@ -10,26 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from psycopg_pool import AsyncConnectionPool
 
-from gateway.asyncpred.routes import AsyncPredictDoor, build_async_router
+from gateway.asyncpred.door import AsyncPredictDoor
+from gateway.auth.guards import Authenticate, install_auth
 from gateway.auth.security import ApiKeyGuard
-from gateway.catalog.snapshot import Catalog
-from gateway.config import GatewaySettings
 from gateway.errors import GatewayError, install_error_handler
+from gateway.http import async_predict, health, lifecycle, models, predict
+from gateway.http.context import Runtime, install_metrics
 from gateway.http.deps import GatewayDeps
 from gateway.http.ingress import IngressMiddleware
-from gateway.http.lifecycle_routes import build_lifecycle_router
-from gateway.http.responses import OrjsonResponse
-from gateway.http.routes import build_router
 from gateway.metrics import GatewayMetrics
+from gateway.responses import OrjsonResponse
 from gateway.serving.core import (
+    ServingCore,
     catalog_conninfo,
     feature_store_url,
     health_dir,
@@ -38,31 +37,11 @@ from gateway.serving.core import (
 )
 from gateway.serving.health import HealthTracker
 from gateway.serving.model_health import HealthChecks
-from gateway.serving.service import PredictionService
-from gateway.serving.triton_client import TritonClient
 from gateway.settings import Settings
-
-if TYPE_CHECKING:
-    from gateway.lifecycle.deployer import Deployer
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Runtime:
-    """What one app instance serves with; built in ``lifespan``."""
-
-    settings: GatewaySettings
-    triton: TritonClient
-    pool: AsyncConnectionPool
-    catalog: Catalog
-    service: PredictionService
-    health: HealthTracker
-    metrics: GatewayMetrics
-    #: runs the lifecycle admin routes
-    deployer: Deployer
-    #: probes and feature-store checks of the per-model health
-    checks: HealthChecks
+ROUTERS = (predict.router, models.router, health.router, lifecycle.router, async_predict.router)
 
 
 def rate_limit_redis_url(settings: Settings) -> str:
@@ -70,6 +49,18 @@ def rate_limit_redis_url(settings: Settings) -> str:
     if settings.gateway.redis_url is not None:
         return settings.gateway.redis_url.get_secret_value()
     return settings.redis.url
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What ``create_app`` builds before the app starts; the lifespan opens the rest."""
+
+    settings: Settings
+    deps: GatewayDeps
+    metrics: GatewayMetrics
+    health: HealthTracker
+    guard: ApiKeyGuard | None
+    async_door: AsyncPredictDoor
 
 
 @asynccontextmanager
@@ -94,6 +85,67 @@ async def _publishing(health: HealthTracker, period_s: float = 1.0) -> AsyncIter
         health.forget()
 
 
+async def _open_runtime(parts: _Parts, core: ServingCore, owned: AsyncExitStack) -> Runtime:
+    """The deployer and health checks beside the serving core, as the routes' runtime."""
+    settings, gw = parts.settings, parts.settings.gateway
+    deployer = parts.deps.deployer
+    if deployer is None:
+        deployer = await owned.enter_async_context(
+            open_deployer(settings, registry=parts.metrics.registry)
+        )
+    checks = HealthChecks(
+        core.triton,
+        parts.health,
+        feature_store_url(settings),
+        ttl_s=gw.health_check_ttl_s,
+        timeout_s=gw.triton_ready_timeout_s,
+    )
+    owned.push_async_callback(checks.close)
+    await owned.enter_async_context(_publishing(parts.health))
+    return Runtime(
+        gw,
+        core.triton,
+        core.pool,
+        core.catalog,
+        core.service,
+        parts.health,
+        parts.metrics,
+        deployer,
+        checks,
+    )
+
+
+def _lifespan(parts: _Parts) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as owned:
+            if parts.guard is not None:
+                await parts.guard.open()
+                owned.push_async_callback(parts.guard.close)
+            core = await owned.enter_async_context(
+                open_serving_core(
+                    parts.settings, parts.metrics, parts.health, parts.deps.prediction_log
+                )
+            )
+            app.state.gateway = await _open_runtime(parts, core, owned)
+            await parts.async_door.open()
+            owned.push_async_callback(parts.async_door.close)
+            app.state.async_predict = parts.async_door
+            yield
+
+    return lifespan
+
+
+def _api_key_guard(settings: Settings) -> ApiKeyGuard:
+    gw = settings.gateway
+    return ApiKeyGuard.connect(
+        catalog_conninfo(settings),
+        rate_limit_redis_url(settings),
+        cache_ttl_s=gw.auth_cache_ttl_s,
+        burst_multiplier=gw.rate_limit_burst,
+    )
+
+
 def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     """A gateway app; nothing connects until its lifespan starts.
 
@@ -101,70 +153,18 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     "api_key"`` (the default), an :class:`ApiKeyGuard` over the catalog database and Redis.
     """
     deps = deps or GatewayDeps()
-    gw = settings.gateway
     metrics = GatewayMetrics()
-    health = HealthTracker(share_dir=health_dir(settings))
-    authenticate = deps.authenticate
-    guard: ApiKeyGuard | None = None
-    if authenticate is None and gw.auth == "api_key":
-        guard = ApiKeyGuard.connect(
-            catalog_conninfo(settings),
-            rate_limit_redis_url(settings),
-            cache_ttl_s=gw.auth_cache_ttl_s,
-            burst_multiplier=gw.rate_limit_burst,
-        )
-        authenticate = guard
+    authenticate: Authenticate | None = deps.authenticate
+    guard = None
+    if authenticate is None and settings.gateway.auth == "api_key":
+        authenticate = guard = _api_key_guard(settings)
+    health_tracker = HealthTracker(share_dir=health_dir(settings))
+    parts = _Parts(
+        settings, deps, metrics, health_tracker, guard, AsyncPredictDoor(settings, metrics)
+    )
 
     def count_error(err: GatewayError) -> None:
         metrics.errors.labels(err.code).inc()
-
-    async_door = AsyncPredictDoor(settings, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # the serving core (pool, catalog, Triton, prediction log, service) is shared with the
-        # async worker: gateway/serving/core.py
-        try:
-            if guard is not None:
-                await guard.open()
-            async with (
-                open_serving_core(settings, metrics, health, deps.prediction_log) as core,
-                AsyncExitStack() as owned,
-            ):
-                deployer = deps.deployer
-                if deployer is None:
-                    deployer = await owned.enter_async_context(
-                        open_deployer(settings, registry=metrics.registry)
-                    )
-                checks = HealthChecks(
-                    core.triton,
-                    health,
-                    feature_store_url(settings),
-                    ttl_s=gw.health_check_ttl_s,
-                    timeout_s=gw.triton_ready_timeout_s,
-                )
-                owned.push_async_callback(checks.close)
-                await owned.enter_async_context(_publishing(health))
-                app.state.gateway = Runtime(
-                    gw,
-                    core.triton,
-                    core.pool,
-                    core.catalog,
-                    core.service,
-                    health,
-                    metrics,
-                    deployer,
-                    checks,
-                )
-                await async_door.open()
-                app.state.async_predict = async_door
-                try:
-                    yield
-                finally:
-                    await async_door.close()
-        finally:
-            if guard is not None:
-                await guard.close()
 
     app = FastAPI(
         title="rtinfer gateway",
@@ -172,12 +172,15 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
         summary="Real-time fraud scoring in front of NVIDIA Triton.",
         description="Every error response has the body "
         '`{"error": {"code": "...", "message": "..."}}`.',
-        lifespan=lifespan,
+        lifespan=_lifespan(parts),
         default_response_class=OrjsonResponse,
     )
+    install_metrics(app, metrics)
+    install_auth(app, metrics, authenticate)
     install_error_handler(app, count_error)
-    app.add_middleware(IngressMiddleware, max_body_bytes=gw.max_body_bytes, on_error=count_error)
-    app.include_router(build_router(metrics, authenticate))
-    app.include_router(build_lifecycle_router(metrics, authenticate))
-    app.include_router(build_async_router(metrics, authenticate))
+    app.add_middleware(
+        IngressMiddleware, max_body_bytes=settings.gateway.max_body_bytes, on_error=count_error
+    )
+    for router in ROUTERS:
+        app.include_router(router)
     return app

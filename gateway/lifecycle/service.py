@@ -27,7 +27,6 @@ from starlette.responses import Response
 
 from gateway.catalog.rollout_store import SyncStore
 from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
-from gateway.http.responses import OrjsonResponse
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import Deployer
 from gateway.lifecycle.fallback_sync import align_fallbacks
@@ -36,6 +35,7 @@ from gateway.lifecycle.mlflow_registry import MlflowRegistry
 from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.lifecycle.watchdog import ModelWatchdog
+from gateway.responses import OrjsonResponse
 from gateway.serving.core import open_deployer as open_lifecycle_deployer
 from gateway.settings import Settings
 

@@ -22,8 +22,8 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.catalog.dsn import dsn
 from gateway.catalog.snapshot import Catalog
 from gateway.errors import GatewayError
-from gateway.http.deps import DiscardPredictionLog, PredictionLog
 from gateway.metrics import GatewayMetrics
+from gateway.predlog.sink import DiscardPredictionLog, PredictionLog
 from gateway.predlog.spool import SpoolLockedError
 from gateway.predlog.writer import KafkaPredictionLog
 from gateway.serving.health import HealthTracker

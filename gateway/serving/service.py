@@ -36,9 +36,9 @@ from gateway.errors import (
     UpstreamFailure,
     UpstreamUnavailable,
 )
-from gateway.http.deps import PredictionLog
 from gateway.logs import model_var, model_version_var, request_id_var
 from gateway.metrics import GatewayMetrics
+from gateway.predlog.sink import PredictionLog
 from gateway.schemas import PredictRequest, PredictResponse
 from gateway.serving.health import HealthTracker
 from gateway.serving.shadow import ShadowMirror

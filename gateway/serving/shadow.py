@@ -33,9 +33,9 @@ from typing import Any, Protocol
 
 from gateway.catalog.records import Deployment
 from gateway.errors import GatewayError
-from gateway.http.deps import PredictionLog
 from gateway.logs import model_version_var
 from gateway.metrics import GatewayMetrics
+from gateway.predlog.sink import PredictionLog
 from gateway.schemas import PredictRequest
 from gateway.serving.triton_client import InferenceResult
 

@@ -16,11 +16,12 @@ import pytest
 from fastapi import Request
 from psycopg.types.json import Jsonb
 
+from gateway.auth.guards import Authenticate
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.errors import RateLimited, Unauthorized
 from gateway.http.app import create_app
-from gateway.http.deps import Authenticate, GatewayDeps
+from gateway.http.deps import GatewayDeps
 from gateway.settings import Settings
 from rtinfer.client import FraudClient
 from rtinfer.procs import free_port, wait_until

@@ -21,7 +21,8 @@ import pytest
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.http.app import create_app
-from gateway.http.deps import DiscardPredictionLog, GatewayDeps
+from gateway.http.deps import GatewayDeps
+from gateway.predlog.sink import DiscardPredictionLog
 from gateway.settings import Settings
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor

@@ -20,11 +20,12 @@ import test_gateway
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi import Request
 
+from gateway.auth.guards import Authenticate
 from gateway.auth.keys import ApiKey, ApiKeyAuthenticator, create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.http.app import create_app
-from gateway.http.deps import Authenticate, GatewayDeps
+from gateway.http.deps import GatewayDeps
 from gateway.settings import Settings
 from rtinfer.client import FraudClient
 from rtinfer.stack import StackState

@@ -12,11 +12,11 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from gateway.auth.guards import is_admin
 from gateway.auth.keys import ApiKey
 from gateway.catalog.records import Deployment
 from gateway.catalog.shadows import CatalogUnavailable, remove_shadows
 from gateway.errors import ModelNotReady, describe_validation_errors
-from gateway.http.deps import is_admin
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest, ShadowRequest
 from gateway.serving.shadow import ShadowMirror, sampled, shadow_bucket

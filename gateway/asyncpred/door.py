@@ -1,4 +1,4 @@
-"""The async REST door: submit a prediction to Kafka (202 + token), poll its result.
+"""Async predictions behind the REST door: queue a job in Kafka, read its result.
 
 ``POST /predict/{model}/async`` answers 202 only after Kafka confirmed the job (``acks=all``,
 idempotent producer): a gateway that crashes afterwards loses nothing. If Kafka does not
@@ -19,10 +19,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from starlette.responses import Response
+from fastapi import Request
 
 from gateway.asyncpred.callback_url import (
     CallbackUrlError,
@@ -36,18 +34,13 @@ from gateway.asyncpred.metrics import AsyncDoorMetrics
 from gateway.asyncpred.results import ResultStore, ResultStoreError
 from gateway.asyncpred.schemas import AsyncAccepted, AsyncJob, AsyncPredictRequest, AsyncStatus
 from gateway.asyncpred.tokens import NO_OWNER, issue_token, may_be_pending, may_read, read_token
-from gateway.auth.guards import PRINCIPAL, auth_guard
+from gateway.auth.guards import PRINCIPAL, is_admin
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
-    ModelNotFound,
     NotFound,
-    UpstreamUnavailable,
 )
-from gateway.http.deps import Authenticate, is_admin
-from gateway.http.responses import OrjsonResponse
 from gateway.metrics import GatewayMetrics
-from gateway.schemas import REQUEST_ID_HEADER, ErrorResponse, new_request_id, valid_request_id
 from gateway.serving.core import kafka_bootstrap, result_store_url
 from gateway.settings import Settings
 
@@ -210,71 +203,3 @@ def _not_found(model_name: str) -> str:
         f"no async job of {model_name} with this token for this API key (unknown, issued for "
         "another key or model, or older than the result TTL)"
     )
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
-
-
-def _door(request: Request) -> AsyncPredictDoor:
-    return request.app.state.async_predict  # type: ignore[no-any-return]
-
-
-def _require_model(request: Request, model_name: str) -> None:
-    catalog = request.app.state.gateway.catalog
-    if not catalog.loaded:
-        raise UpstreamUnavailable("the model catalog has not been loaded yet")
-    if catalog.get(model_name) is None:
-        raise ModelNotFound(f"unknown model {model_name!r}")
-
-
-def build_async_router(metrics: GatewayMetrics, authenticate: Authenticate | None) -> APIRouter:
-    router = APIRouter()
-    authenticated = authenticate is not None
-    guarded: list[Any] = [Depends(auth_guard(metrics, authenticate))] if authenticated else []
-
-    @router.post(
-        "/predict/{model_name}/async",
-        status_code=202,
-        response_model=AsyncAccepted,
-        responses=_errors(401, 404, 413, 422, 429, 503),
-        dependencies=guarded,
-        summary="Queue one prediction; the result is polled or POSTed to callback_url",
-        description="202 once Kafka confirmed the job (Location: the poll URL). The result "
-        "has the body of the sync predict. Callbacks are signed (X-RTInfer-Signature, see "
-        "docs/gateway.md) and delivered at least once. 503 enqueue_unavailable: not accepted.",
-    )
-    async def submit(model_name: str, body: AsyncPredictRequest, request: Request) -> Response:
-        request_id = (
-            body.request_id
-            or valid_request_id(request.headers.get(REQUEST_ID_HEADER))
-            or new_request_id()
-        )
-        request.state.request_id = request_id
-        _require_model(request, model_name)
-        accepted = await _door(request).submit(
-            model_name, body, request_id, Caller.of(request, authenticated)
-        )
-        return OrjsonResponse(
-            accepted.model_dump(),
-            status_code=202,
-            headers={"Location": accepted.poll_url, REQUEST_ID_HEADER: request_id},
-        )
-
-    @router.get(
-        "/predict/{model_name}/async/{token}",
-        response_model=AsyncStatus,
-        responses=_errors(401, 404, 429, 503),
-        dependencies=guarded,
-        summary="Status and result of an async prediction",
-        description="pending, done (result as the sync predict's body) or failed (error). "
-        "404 job_not_found: not a token issued for this model, issued to another API key "
-        "(admin keys read every job), or older than the result TTL.",
-    )
-    async def poll(model_name: str, token: str, request: Request) -> Response:
-        found = await _door(request).status(model_name, token, Caller.of(request, authenticated))
-        if isinstance(found, bytes):
-            return Response(found, media_type="application/json")
-        return OrjsonResponse(found.model_dump())
-
-    return router
