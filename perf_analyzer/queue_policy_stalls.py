@@ -23,7 +23,8 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from gateway.repository.render import assembler_config, write_config
+from gateway.repository.configs import assembler_config
+from gateway.repository.layout import write_config
 from gateway.settings import Settings
 from python_backend.contract import ensemble_inputs
 from python_backend.feature_spec import FEATURE_SPEC_FILE, FeatureSpec

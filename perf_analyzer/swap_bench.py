@@ -44,7 +44,7 @@ from gateway.catalog.dsn import dsn
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.triton_repo import TritonRepository
-from gateway.repository.render import Serving
+from gateway.repository.layout import Serving
 from gateway.settings import REPO_ROOT, Settings
 from rtinfer import stack as stack_mod
 from rtinfer.loadloop import LoadLoop, Sample, Summary, first_answer, flips_back

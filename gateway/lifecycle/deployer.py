@@ -61,17 +61,15 @@ from gateway.lifecycle.materialize import (
 from gateway.lifecycle.metrics import LifecycleMetrics
 from gateway.lifecycle.smoke import smoke_pipeline, smoke_test
 from gateway.lifecycle.triton_repo import READY, TritonRepository
-from gateway.repository.render import (
+from gateway.repository.configs import class_prior_fallback
+from gateway.repository.layout import (
     SHELLS_DIR,
     Serving,
-    class_prior_fallback,
     own_pipeline,
     pinned_name,
     place_scorer_shell,
-    remove_pinned_pipeline,
-    write_pinned_pipeline,
-    write_pipelines,
 )
+from gateway.repository.render import remove_pinned_pipeline, write_pinned_pipeline, write_pipelines
 from gateway.settings import Settings, Target
 
 __all__ = ["DeployRequest", "Deployer", "HistoryEntry", "Mode", "Outcome"]

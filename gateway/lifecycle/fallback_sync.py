@@ -17,7 +17,8 @@ from pathlib import Path
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.catalog import swaps
-from gateway.repository.render import RenderError, class_prior_fallback
+from gateway.repository.configs import class_prior_fallback
+from gateway.repository.layout import RenderError
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from gateway.lifecycle.artifacts import ArtifactReport, check_files, validate_version_dir
 from gateway.lifecycle.errors import ArtifactInvalid, LifecycleError, VersionExists
-from gateway.repository.render import RenderError, place_scorer_shell, render_scorer_versions
+from gateway.repository.layout import RenderError, place_scorer_shell
+from gateway.repository.render import render_scorer_versions
 from gateway.settings import Settings, Target
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from gateway.lifecycle.errors import (
     RepositoryUnavailable,
     VersionNotReady,
 )
-from gateway.repository.render import set_version_policy
+from gateway.repository.configs import set_version_policy
 from python_backend.contract import decode, ensemble_inputs
 
 READY = "READY"

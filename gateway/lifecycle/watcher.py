@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from gateway.lifecycle.deployer import Deployer, DeployRequest, Outcome
 from gateway.lifecycle.errors import LifecycleError
-from gateway.repository.render import SERVING_FILE
+from gateway.repository.layout import SERVING_FILE
 from gateway.settings import Settings
 from python_backend.feature_spec import METADATA_FILE, ModelMetadata
 

@@ -18,7 +18,7 @@ from gateway.lifecycle.errors import ArtifactInvalid, ModelLoadFailed, SmokeTest
 from gateway.lifecycle.materialize import materialize_version, remove_version, serve_versions
 from gateway.lifecycle.smoke import smoke_test
 from gateway.lifecycle.triton_repo import READY, TritonRepository
-from gateway.repository.render import latest_version, place_scorer_shell
+from gateway.repository.layout import latest_version, place_scorer_shell
 from gateway.settings import Settings
 from rtinfer.client import FraudClient
 from rtinfer.stack import StackState

@@ -30,7 +30,7 @@ from gateway.lifecycle.deployer import Deployer, DeployRequest
 from gateway.lifecycle.errors import ArtifactInvalid, ModelLoadFailed
 from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.lifecycle.watcher import VersionWatcher
-from gateway.repository.render import SERVING_FILE, Serving
+from gateway.repository.layout import SERVING_FILE, Serving
 from gateway.settings import Settings
 from rtinfer.loadloop import LoadLoop, Sample, Summary, first_answer, flips_back
 from rtinfer.stack import StackState

@@ -16,7 +16,8 @@ from gateway.lifecycle.errors import (
     VersionNotReady,
 )
 from gateway.lifecycle.triton_repo import TritonRepository, config_json
-from gateway.repository.render import RenderError, set_version_policy
+from gateway.repository.configs import set_version_policy
+from gateway.repository.layout import RenderError
 
 
 def test_override_carries_the_version_policy_in_triton_field_names() -> None:

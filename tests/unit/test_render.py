@@ -10,15 +10,9 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from gateway.repository.render import (
-    PIPELINES,
-    RenderError,
-    Serving,
-    class_prior_fallback,
-    pinned_name,
-    render_repository,
-    served_models,
-)
+from gateway.repository.configs import class_prior_fallback
+from gateway.repository.layout import PIPELINES, RenderError, Serving, pinned_name, served_models
+from gateway.repository.render import render_repository
 from gateway.settings import BatchingSettings, Settings
 
 

@@ -14,7 +14,7 @@ import pytest
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.errors import ModelLoadFailed
 from gateway.lifecycle.watcher import VersionWatcher
-from gateway.repository.render import SERVING_FILE
+from gateway.repository.layout import SERVING_FILE
 from gateway.settings import Settings, TritonSettings
 
 MODEL = "fraud_xgb"

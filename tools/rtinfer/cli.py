@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 import redis
 import typer
 
-from gateway.repository.render import RenderError, render_repository
+from gateway.repository.layout import RenderError
+from gateway.repository.render import render_repository
 from gateway.settings import Settings
 from python_backend.contract import CONTEXT_FEATURES
 from rtinfer import stack as stack_mod

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.repository.render import served_models
+from gateway.repository.layout import served_models
 from rtinfer.procs import Launch, Process, ProcessError, ProgramSpec, spawn_program, wait_until
 
 log = logging.getLogger(__name__)
