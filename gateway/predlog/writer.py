@@ -1,4 +1,4 @@
-"""The prediction log: one Kafka message per prediction, spooled to disk when Kafka cannot take it.
+r"""The prediction log: one Kafka message per prediction, spooled to disk when Kafka cannot take it.
 
 ``log(record)`` runs on the gateway's event loop right after a response is computed. It
 serializes the record, appends it to an on-disk *journal* (one ``write(2)``, never ``fsync``) and
@@ -13,229 +13,50 @@ the rest:
 * the *pump* serves librdkafka's delivery reports (``poll``): a confirmed message is counted,
   a failed one (timed out, broker down, producer fatal) is appended to the on-disk
   :class:`~gateway.predlog.spool.Spool`, as are records ``produce`` refused because the queue was
-  full. It also ``fsync``\\s the spool on its time budget.
+  full. It also ``fsync``\s the spool on its time budget.
 * the *replayer* re-produces spooled records, oldest first, whenever the spool is not empty
   and the broker answers a metadata request, and acknowledges them in the spool only once
   Kafka confirmed their delivery.
 
 ``close()`` flushes what is queued; whatever is not delivered within its timeout is spooled,
 so a shutdown while Kafka is down loses nothing. Delivery is at least once: see
-``docs/prediction-log.md``.
-"""
+``docs/prediction-log.md``."""
 
 from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from gateway.predlog.spool import Spool, SpoolEntry, SpoolError, SpoolFullError
+from gateway.predlog.bookkeeping import (
+    PERMANENT_ERRORS,
+    InFlight,
+    LogCollector,
+    LogStats,
+    ReplayBatch,
+    every_power_of_two,
+)
+from gateway.predlog.config import open_spools, producer_config_for
+from gateway.predlog.records import encode_record
+from gateway.predlog.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-try:
-    import orjson
-except ImportError:  # optional: several times faster than json
-    orjson = None
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-#: sub-directory of the spool slot holding the journal of records in flight
-JOURNAL_DIR = "journal"
+
 #: how often the pump persists the journal's acknowledged position
 JOURNAL_ACK_INTERVAL_S = 0.2
-
-#: errors a retry cannot fix; such a record is dropped (and counted), not spooled forever
-PERMANENT_ERRORS = frozenset(
-    {
-        KafkaError.MSG_SIZE_TOO_LARGE,
-        KafkaError.RECORD_LIST_TOO_LARGE,
-        KafkaError.INVALID_RECORD,
-        KafkaError.INVALID_MSG,
-    }
-)
-
-COUNTERS: dict[str, str] = {
-    "produced": "Prediction records handed to the Kafka producer.",
-    "delivered": "Prediction records whose delivery Kafka confirmed.",
-    "failed": "Prediction records Kafka did not take in time (sent to the spool).",
-    "spooled": "Prediction records written to the on-disk spool.",
-    "replayed": "Spooled prediction records delivered to Kafka on replay.",
-    "dropped": "Prediction records lost: unserializable, permanently rejected or spool full.",
-    "recovered": "Records a crashed process left in flight, moved from its journal to the spool.",
-    "unjournaled": "Prediction records the journal could not take (sent without crash safety).",
-}
-
-
-class PredictionLog(Protocol):
-    """What the gateway needs from a prediction log."""
-
-    def log(self, record: Mapping[str, Any]) -> None: ...
-
-    def stats(self) -> dict[str, int]: ...
-
-    def close(self, timeout_s: float = 10.0) -> None: ...
-
-
-def feature_hash(features: Sequence[float] | np.ndarray) -> str:
-    """SHA-256 (hex) of the features as float32 little-endian bytes."""
-    return hashlib.sha256(np.asarray(features, dtype="<f4").tobytes()).hexdigest()
-
-
-def encode_record(record: Mapping[str, Any]) -> bytes:
-    """The Kafka message value: the record plus ``schema_version`` and ``feature_hash``.
-
-    Compact JSON on one line; numpy scalars and arrays become numbers and lists, non-finite
-    floats become ``null``.
-    """
-    features = record.get("features")
-    message = {
-        "schema_version": SCHEMA_VERSION,
-        **record,
-        "feature_hash": feature_hash(features) if features is not None else None,
-    }
-    if orjson is not None:
-        return orjson.dumps(message, default=_jsonable, option=orjson.OPT_SERIALIZE_NUMPY)
-    try:
-        text = json.dumps(message, separators=(",", ":"), allow_nan=False, default=_jsonable)
-    except ValueError:  # NaN/inf somewhere: rare, so only then walk the record
-        text = json.dumps(_finite(message), separators=(",", ":"), default=_jsonable)
-    return text.encode()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return obj.decode(errors="replace")
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, (np.generic, np.ndarray)):
-        obj = _jsonable(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _every_power_of_two(n: int) -> bool:
-    """Log the 1st, 2nd, 4th, 8th... occurrence of a repeated error, not each one."""
-    return n & (n - 1) == 0
-
-
-class _Stats:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(COUNTERS, 0)
-
-    def add(self, name: str, n: int = 1) -> int:
-        with self._lock:
-            self._counts[name] += n
-            return self._counts[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-
-class _InFlight:
-    """Journal positions of records not yet confirmed or spooled; settles them in any order
-    and tells the oldest position before which every record is settled."""
-
-    def __init__(self, first_ordinal: int) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[int, SpoolEntry] = {}
-        self._settled: set[int] = set()
-        self._next = first_ordinal
-        self._last: SpoolEntry | None = None
-
-    def add(self, entry: SpoolEntry) -> None:
-        with self._lock:
-            self._entries[entry.ordinal] = entry
-
-    def settle(self, ordinal: int | None) -> None:
-        if ordinal is None:
-            return
-        with self._lock:
-            self._settled.add(ordinal)
-            while self._next in self._settled and self._next in self._entries:
-                self._settled.remove(self._next)
-                self._last = self._entries.pop(self._next)
-                self._next += 1
-
-    def take_settled(self) -> SpoolEntry | None:
-        """The newest position everything before which is settled, once."""
-        with self._lock:
-            last, self._last = self._last, None
-            return last
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
-class _ReplayBatch:
-    """Spooled records re-produced together; acknowledged up to the first failure."""
-
-    def __init__(self, entries: list[SpoolEntry]) -> None:
-        self.entries = entries
-        self.results: list[KafkaError | bool | None] = [False] * len(entries)  # False: pending
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self._settled = 0
-        self._sent: int | None = None  # known once sealed
-
-    def callback(self, index: int) -> Callable[[KafkaError | None, Message], None]:
-        """The delivery callback of ``entries[index]``."""
-
-        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            with self._lock:
-                self.results[index] = err
-                self._settled += 1
-                if self._settled == self._sent:
-                    self.done.set()
-
-        return on_delivery
-
-    def seal(self, sent: int) -> None:
-        """``sent`` records (the first ones) were produced; no more will be."""
-        with self._lock:
-            self._sent = sent
-            if self._settled == sent:
-                self.done.set()
-
-    def finished_prefix(self) -> tuple[int, int, int]:
-        """(records at the head that are finished, of which delivered, of which dropped)."""
-        delivered = dropped = 0
-        with self._lock:
-            for result in self.results:
-                if result is None:
-                    delivered += 1
-                elif isinstance(result, KafkaError) and result.code() in PERMANENT_ERRORS:
-                    dropped += 1
-                else:
-                    break
-        return delivered + dropped, delivered, dropped
 
 
 class KafkaPredictionLog:
@@ -270,22 +91,14 @@ class KafkaPredictionLog:
         self._max_overflow = max_overflow
         self._replay_batch = replay_batch
         self._replay_interval_s = replay_interval_s
-        self._config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "client.id": "rtinfer-prediction-log",
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": linger_ms,
-            "compression.type": compression,
+        self._config = {
+            **producer_config_for(bootstrap, linger_ms, compression, message_timeout_s),
             "queue.buffering.max.messages": max_queued_messages,
             "queue.buffering.max.kbytes": max_queued_kbytes,
-            "message.timeout.ms": int(message_timeout_s * 1000),
-            "reconnect.backoff.max.ms": 1000,  # find a restarted broker within a second
-            "logger": logging.getLogger(f"{__name__}.librdkafka"),
             "error_cb": self._on_error,
             **(producer_config or {}),
         }
-        self._stats = _Stats()
+        self._stats = LogStats()
         # records produce() refused (queue full) with their journal ordinal; the pump moves
         # them to the spool
         self._overflow: collections.deque[tuple[bytes, int | None]] = collections.deque()
@@ -293,21 +106,11 @@ class KafkaPredictionLog:
         self._fatal = threading.Event()
         self._closed = False
         self._close_lock = threading.Lock()
-        self._pending_replay: _ReplayBatch | None = None
-        self._spool = Spool(spool_dir, max_bytes=spool_max_bytes)
-        try:
-            self._journal = Spool(
-                Path(spool_dir) / JOURNAL_DIR,
-                max_bytes=spool_max_bytes,
-                durable=False,  # appended on the event loop: never wait on the disk
-                rotate_when_caught_up=False,
-            )
-        except BaseException:
-            self._spool.close()
-            raise
+        self._pending_replay: ReplayBatch | None = None
+        self._spool, self._journal = open_spools(Path(spool_dir), spool_max_bytes)
         try:
             self._recover_journal()
-            self._in_flight = _InFlight(self._journal.next_ordinal)
+            self._in_flight = InFlight(self._journal.next_ordinal)
             self._journal_acked_at = time.monotonic()
             self._producer = Producer(self._config)
         except BaseException:
@@ -319,7 +122,7 @@ class KafkaPredictionLog:
         self._pump.start()
         self._replayer.start()
         self._registry = registry
-        self._collector = _PrometheusCollector(self)
+        self._collector = LogCollector(self.stats)
         if registry is not None:
             registry.register(self._collector)
 
@@ -335,7 +138,7 @@ class KafkaPredictionLog:
             request_id = record.get("request_id")
             key = None if request_id is None else str(request_id)
         except Exception:
-            if _every_power_of_two(self._stats.add("dropped")):
+            if every_power_of_two(self._stats.add("dropped")):
                 log.exception("prediction record dropped (not serializable or log closed)")
             return
         ordinal = self._journal_append(value)
@@ -363,7 +166,7 @@ class KafkaPredictionLog:
         try:
             entry = self._journal.append(value)
         except (SpoolError, ValueError) as exc:
-            if _every_power_of_two(self._stats.add("unjournaled")):
+            if every_power_of_two(self._stats.add("unjournaled")):
                 log.error("prediction log journal refused a record: %s", exc)
             return None
         self._in_flight.add(entry)
@@ -417,7 +220,7 @@ class KafkaPredictionLog:
                 self._drop(f"rejected by Kafka: {err}")
             else:
                 n = self._stats.add("failed")
-                if _every_power_of_two(n):
+                if every_power_of_two(n):
                     log.warning(
                         "prediction record not delivered (%s); spooling (%d so far)", err, n
                     )
@@ -465,7 +268,7 @@ class KafkaPredictionLog:
     def _drop(self, reason: str, exc_info: bool = False, ordinal: int | None = None) -> None:
         self._in_flight.settle(ordinal)
         n = self._stats.add("dropped")
-        if _every_power_of_two(n):
+        if every_power_of_two(n):
             log.error(
                 "prediction record dropped: %s (%d dropped so far)", reason, n, exc_info=exc_info
             )
@@ -545,7 +348,7 @@ class KafkaPredictionLog:
         entries = self._spool.read(self._replay_batch)
         if not entries:
             return False
-        batch = _ReplayBatch(entries)
+        batch = ReplayBatch(entries)
         self._pending_replay = batch
         sent = 0
         for entry in entries:
@@ -566,7 +369,7 @@ class KafkaPredictionLog:
                 break
         return self._finish_replay(batch) == len(entries)
 
-    def _finish_replay(self, batch: _ReplayBatch) -> int:
+    def _finish_replay(self, batch: ReplayBatch) -> int:
         """Acknowledge the finished head of ``batch``; return how many records that was."""
         finished, delivered, dropped = batch.finished_prefix()
         if finished:
@@ -587,32 +390,3 @@ class KafkaPredictionLog:
         request_id = record.get("request_id")
         topic = self.shadow_topic if record.get("arm") == "shadow" else self.topic
         return topic, None if request_id is None else str(request_id)
-
-
-class _PrometheusCollector:
-    """``stats()`` as Prometheus counters and gauges, read at scrape time."""
-
-    def __init__(self, source: KafkaPredictionLog) -> None:
-        self._source = source
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        stats = self._source.stats()
-        for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(f"rtinfer_prediction_log_{name}", doc, value=stats[name])
-        yield GaugeMetricFamily(
-            "rtinfer_prediction_log_spool_records",
-            "Spooled prediction records not yet delivered.",
-            value=stats["spool_depth"],
-        )
-        yield GaugeMetricFamily(
-            "rtinfer_prediction_log_spool_bytes",
-            "Bytes of the prediction log's spool on disk.",
-            value=stats["spool_bytes"],
-        )
-        yield GaugeMetricFamily(
-            "rtinfer_prediction_log_in_flight",
-            "Journaled prediction records Kafka has not confirmed yet (nor the spool taken).",
-            value=stats["in_flight"],
-        )
