@@ -57,7 +57,7 @@ from loadgen import (
     write_targets,
 )
 
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
 from rtinfer import stack as stack_mod

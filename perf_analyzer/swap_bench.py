@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.lifecycle.artifacts import copy_artifacts
 from gateway.lifecycle.config import LifecycleSettings

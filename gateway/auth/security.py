@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from gateway.auth.keys import ApiKey, ApiKeyAuthenticator
+from gateway.auth.credentials import ApiKey
+from gateway.auth.keys import ApiKeyAuthenticator
 from gateway.auth.ratelimit import RedisRateLimiter
 
 PRINCIPAL = "principal"

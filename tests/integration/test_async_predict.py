@@ -24,7 +24,8 @@ from pydantic import SecretStr
 from gateway.asyncpred.callback_signature import verify_signature
 from gateway.asyncpred.config import AsyncPredictSettings
 from gateway.asyncpred.tokens import issue_token
-from gateway.auth.keys import create_api_key, parse_token
+from gateway.auth.credentials import parse_token
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.http.app import create_app

@@ -16,18 +16,17 @@ import redis
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
-from gateway.auth.keys import (
+from gateway.auth.credentials import (
     ApiKey,
-    ApiKeyAuthenticator,
     AuthError,
     AuthUnavailable,
     InvalidApiKey,
     MalformedToken,
     MissingCredentials,
-    create_api_key,
     parse_token,
-    revoke_api_key,
 )
+from gateway.auth.key_store import create_api_key, revoke_api_key
+from gateway.auth.keys import ApiKeyAuthenticator
 from gateway.auth.ratelimit import RateLimited, RedisRateLimiter
 from gateway.catalog.dsn import dsn
 from gateway.catalog.migrate import apply_migrations

@@ -38,7 +38,7 @@ from kafka_reader import consume_all
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.asyncpred.config import AsyncPredictSettings
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.settings import Settings

@@ -8,7 +8,7 @@ import httpx
 import psycopg
 import pytest
 
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
 from rtinfer.client import FraudClient

@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
 from rtinfer.stack import StackState

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from gateway.auth.keys import create_api_key
+from gateway.auth.key_store import create_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import REPO_ROOT, Settings
 from rtinfer import stack

@@ -20,8 +20,10 @@ import test_gateway
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from fastapi import Request
 
+from gateway.auth.credentials import ApiKey
 from gateway.auth.guards import Authenticate
-from gateway.auth.keys import ApiKey, ApiKeyAuthenticator, create_api_key
+from gateway.auth.key_store import create_api_key
+from gateway.auth.keys import ApiKeyAuthenticator
 from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.http.app import create_app

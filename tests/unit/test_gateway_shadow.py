@@ -12,8 +12,8 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 
+from gateway.auth.credentials import ApiKey
 from gateway.auth.guards import is_admin
-from gateway.auth.keys import ApiKey
 from gateway.catalog.records import Deployment
 from gateway.catalog.shadows import CatalogUnavailable, remove_shadows
 from gateway.errors import ModelNotReady, describe_validation_errors

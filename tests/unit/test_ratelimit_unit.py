@@ -9,13 +9,12 @@ import math
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.auth.keys import (
+from gateway.auth.credentials import (
     ApiKey,
     AuthUnavailable,
     InvalidApiKey,
     MalformedToken,
     MissingCredentials,
-    VerificationCache,
     extract_token,
     format_token,
     hash_secret,
@@ -23,6 +22,7 @@ from gateway.auth.keys import (
     parse_token,
     verify_secret,
 )
+from gateway.auth.keys import VerificationCache
 from gateway.auth.ratelimit import RateLimited, RedisRateLimiter, burst_for, retry_after_seconds
 from gateway.errors import GatewayError, as_gateway_error, error_response
 

@@ -12,7 +12,8 @@ from typing import Annotated, NoReturn, TypeVar
 import psycopg
 import typer
 
-from gateway.auth.keys import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
+from gateway.auth.credentials import KeyNotFound
+from gateway.auth.key_store import create_api_key, list_api_keys, revoke_api_key
 from gateway.catalog.dsn import CatalogNotStarted, dsn
 from gateway.settings import Settings
 from rtinfer.stack import StackState, service_alive
