@@ -225,16 +225,16 @@ async def test_broken_version_leaves_the_old_one_serving_and_the_failure_visible
     else:
         # passes validation, then the python model's initialize raises inside Triton: the
         # file is damaged between validation and load
-        import gateway.lifecycle.deployer as deployer_module
+        import gateway.lifecycle.swap as swap_module
 
-        real = deployer_module.materialize_version
+        real = swap_module.materialize_version
 
         def damaged(*args: Any, **kwargs: Any) -> Any:
             report = real(*args, **kwargs)
             (report.path / "model.onnx").write_bytes(b"damaged after validation")
             return report
 
-        monkeypatch.setattr(deployer_module, "materialize_version", damaged)
+        monkeypatch.setattr(swap_module, "materialize_version", damaged)
         expected = ModelLoadFailed
     async with LoadLoop(rig.client, MODEL, concurrency=2) as load:
         with pytest.raises(expected) as failure:
