@@ -24,7 +24,11 @@ class GatewayMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
+        self._request_metrics(self.registry)
+        self._triton_metrics(self.registry)
+        self._catalog_metrics(self.registry)
+
+    def _request_metrics(self, reg: CollectorRegistry) -> None:
         self.requests = Counter(
             "rtinfer_gateway_requests",
             "Prediction requests by model, arm and HTTP status.",
@@ -50,6 +54,13 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=reg,
         )
+        self.prediction_log_errors = Counter(
+            "rtinfer_gateway_prediction_log_errors",
+            "Prediction-log calls that raised (the record is lost).",
+            registry=reg,
+        )
+
+    def _triton_metrics(self, reg: CollectorRegistry) -> None:
         self.triton_seconds = Histogram(
             "rtinfer_gateway_triton_seconds",
             "Triton inference round trips by serving endpoint and outcome.",
@@ -64,11 +75,21 @@ class GatewayMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=reg,
         )
-        self.prediction_log_errors = Counter(
-            "rtinfer_gateway_prediction_log_errors",
-            "Prediction-log calls that raised (the record is lost).",
+        self.endpoint_open = Gauge(
+            "rtinfer_gateway_endpoint_open",
+            "1 while the endpoint's guard serves the fallback without calling Triton "
+            "(a non-timeout error, not yet cleared by a probe).",
+            ["endpoint"],
             registry=reg,
         )
+        self.endpoint_probes = Counter(
+            "rtinfer_gateway_endpoint_probes",
+            "Background probes of failing or suspect endpoints by outcome (ok, error, timeout).",
+            ["endpoint", "outcome"],
+            registry=reg,
+        )
+
+    def _catalog_metrics(self, reg: CollectorRegistry) -> None:
         self.catalog_reloads = Counter(
             "rtinfer_gateway_catalog_reloads",
             "Model catalog reloads by result (ok, error).",
@@ -91,20 +112,6 @@ class GatewayMetrics:
             "Shadow calls (Triton round trip) by model and outcome (ok, error).",
             ["model", "outcome"],
             buckets=LATENCY_BUCKETS,
-            registry=reg,
-        )
-
-        self.endpoint_open = Gauge(
-            "rtinfer_gateway_endpoint_open",
-            "1 while the endpoint's guard serves the fallback without calling Triton "
-            "(a non-timeout error, not yet cleared by a probe).",
-            ["endpoint"],
-            registry=reg,
-        )
-        self.endpoint_probes = Counter(
-            "rtinfer_gateway_endpoint_probes",
-            "Background probes of failing or suspect endpoints by outcome (ok, error, timeout).",
-            ["endpoint", "outcome"],
             registry=reg,
         )
 

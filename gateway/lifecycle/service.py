@@ -121,76 +121,77 @@ async def open_deployer(settings: Settings) -> AsyncIterator[DeployerRuntime]:
             await probes.close()
 
 
-def _router() -> APIRouter:
-    router = APIRouter()
+router = APIRouter()
 
-    @router.post(
-        "/hooks/mlflow",
-        status_code=202,
-        summary="MLflow model registry webhook: 202 accepted, 200 duplicate/ignored, 401",
+
+@router.post(
+    "/hooks/mlflow",
+    status_code=202,
+    summary="MLflow model registry webhook: 202 accepted, 200 duplicate/ignored, 401",
+)
+async def mlflow_hook(request: Request) -> Response:
+    state: _State = request.app.state.rollout
+    metrics = state.sync.metrics
+    body = await request.body()
+    try:
+        if len(body) > MAX_WEBHOOK_BODY_BYTES:
+            raise PayloadTooLarge(f"webhook body over {MAX_WEBHOOK_BODY_BYTES} bytes")
+        delivery_id = verify_delivery(
+            state.secret,
+            request.headers,
+            body,
+            now=time.time(),
+            max_skew_s=state.settings.lifecycle.webhook_max_skew_s,
+        )
+        event = parse_event(delivery_id, body)
+    except GatewayError as exc:
+        metrics.deliveries.labels("rejected" if exc.status == 401 else "invalid").inc()
+        raise
+    answer: dict[str, Any] = {"delivery_id": delivery_id, "event": event.event}
+    if not await state.sync.store.record_delivery(event):
+        metrics.deliveries.labels("duplicate").inc()
+        return OrjsonResponse({"status": "duplicate", **answer}, status_code=200)
+    if not event.acted_on:
+        metrics.deliveries.labels("ignored").inc()
+        return OrjsonResponse({"status": "ignored", **answer}, status_code=200)
+    state.sync.submit(event)
+    metrics.deliveries.labels("accepted").inc()
+    log.info(
+        "accepted MLflow delivery %s: %s %s version %s alias %s",
+        delivery_id,
+        event.event,
+        event.model,
+        event.version,
+        event.alias,
     )
-    async def mlflow_hook(request: Request) -> Response:
-        state: _State = request.app.state.rollout
-        metrics = state.sync.metrics
-        body = await request.body()
-        try:
-            if len(body) > MAX_WEBHOOK_BODY_BYTES:
-                raise PayloadTooLarge(f"webhook body over {MAX_WEBHOOK_BODY_BYTES} bytes")
-            delivery_id = verify_delivery(
-                state.secret,
-                request.headers,
-                body,
-                now=time.time(),
-                max_skew_s=state.settings.lifecycle.webhook_max_skew_s,
-            )
-            event = parse_event(delivery_id, body)
-        except GatewayError as exc:
-            metrics.deliveries.labels("rejected" if exc.status == 401 else "invalid").inc()
-            raise
-        answer: dict[str, Any] = {"delivery_id": delivery_id, "event": event.event}
-        if not await state.sync.store.record_delivery(event):
-            metrics.deliveries.labels("duplicate").inc()
-            return OrjsonResponse({"status": "duplicate", **answer}, status_code=200)
-        if not event.acted_on:
-            metrics.deliveries.labels("ignored").inc()
-            return OrjsonResponse({"status": "ignored", **answer}, status_code=200)
-        state.sync.submit(event)
-        metrics.deliveries.labels("accepted").inc()
-        log.info(
-            "accepted MLflow delivery %s: %s %s version %s alias %s",
-            delivery_id,
-            event.event,
-            event.model,
-            event.version,
-            event.alias,
-        )
-        return OrjsonResponse({"status": "accepted", **answer}, status_code=202)
+    return OrjsonResponse({"status": "accepted", **answer}, status_code=202)
 
-    @router.get("/livez", summary="The process is up")
-    async def livez() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @router.get("/readyz", summary="200 once the reconcile loop runs and Postgres answers")
-    async def readyz(request: Request) -> Response:
-        state: _State = request.app.state.rollout
-        checks: dict[str, str] = {"sync": "started" if state.started else "not started"}
-        try:
-            await state.sync.store.ping()
-            checks["postgres"] = "ok"
-        except Exception as exc:
-            checks["postgres"] = str(exc) or type(exc).__name__
-        ready = state.started and checks["postgres"] == "ok"
-        return OrjsonResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks},
-            status_code=200 if ready else 503,
-        )
+@router.get("/livez", summary="The process is up")
+async def livez() -> dict[str, str]:
+    return {"status": "ok"}
 
-    @router.get("/metrics", summary="Prometheus metrics")
-    async def metrics(request: Request) -> Response:
-        state: _State = request.app.state.rollout
-        return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return router
+@router.get("/readyz", summary="200 once the reconcile loop runs and Postgres answers")
+async def readyz(request: Request) -> Response:
+    state: _State = request.app.state.rollout
+    checks: dict[str, str] = {"sync": "started" if state.started else "not started"}
+    try:
+        await state.sync.store.ping()
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = str(exc) or type(exc).__name__
+    ready = state.started and checks["postgres"] == "ok"
+    return OrjsonResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    state: _State = request.app.state.rollout
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @dataclass
@@ -264,5 +265,5 @@ def create_deployer_app(
     )
     app.state.rollout = state
     install_error_handler(app)
-    app.include_router(_router())
+    app.include_router(router)
     return app

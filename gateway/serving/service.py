@@ -130,31 +130,12 @@ class PredictionService:
                 entry, route = self._route(model_name, request.entity_ids.user_id)
             deployment = route.deployment
             model_version_var.set(deployment.model_version)
-            failure: UpstreamFailure | None = None
-            result: InferenceResult | None = None
             with stages("infer"):
-                try:
-                    self._admit()
-                    self._in_flight += 1
-                    try:
-                        result = await self._infer(deployment, request, request_id, deadline)
-                    finally:
-                        self._in_flight -= 1
-                except UpstreamFailure as exc:
-                    failure = exc
-            if result is not None:
-                response = PredictResponse(
-                    prediction=result.prediction,
-                    label=result.label,
-                    confidence=result.confidence,
-                    model_name=model_name,
-                    model_version=deployment.model_version,
-                    deployment_arm=route.arm,
-                    degraded=result.degraded,
-                    degraded_reason=result.degraded_reason or None,
-                    request_id=request_id,
-                    latency_ms=_ms_since(started),
+                result, failure = await self._infer_admitted(
+                    deployment, request, request_id, deadline
                 )
+            if result is not None:
+                response = _response(model_name, route, result, request_id, started)
             else:
                 assert failure is not None
                 with stages("fallback"):
@@ -171,6 +152,20 @@ class PredictionService:
         finally:
             for var, token in tokens:
                 var.reset(token)
+
+    async def _infer_admitted(
+        self, deployment: Deployment, request: PredictRequest, request_id: str, deadline: float
+    ) -> tuple[InferenceResult | None, UpstreamFailure | None]:
+        """Triton's answer, or the failure the fallback answers for (shed load included)."""
+        try:
+            self._admit()
+            self._in_flight += 1
+            try:
+                return await self._infer(deployment, request, request_id, deadline), None
+            finally:
+                self._in_flight -= 1
+        except UpstreamFailure as exc:
+            return None, exc
 
     def _admit(self) -> None:
         """Shed load: past ``max_in_flight`` predictions waiting on Triton, the fallback
@@ -341,3 +336,20 @@ class PredictionService:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 3)
+
+
+def _response(
+    model_name: str, route: Route, result: InferenceResult, request_id: str, started: float
+) -> PredictResponse:
+    return PredictResponse(
+        prediction=result.prediction,
+        label=result.label,
+        confidence=result.confidence,
+        model_name=model_name,
+        model_version=route.deployment.model_version,
+        deployment_arm=route.arm,
+        degraded=result.degraded,
+        degraded_reason=result.degraded_reason or None,
+        request_id=request_id,
+        latency_ms=_ms_since(started),
+    )

@@ -14,13 +14,8 @@ from gateway.catalog.rollout_store import AppliedState
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.mlflow_hooks import RegistryEvent
 from gateway.lifecycle.mlflow_registry import ModelListing
-from gateway.lifecycle.registry_sync import (
-    Pending,
-    RegistrySync,
-    SyncMetrics,
-    action_for,
-    plan_reconcile,
-)
+from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
+from gateway.lifecycle.rollout_plan import Pending, action_for, plan_reconcile
 
 LC = LifecycleSettings(managed_models=("fraud_xgb", "fraud_nn"), canary_pct=10.0)
 
