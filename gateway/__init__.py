@@ -1,1 +1,2 @@
-"""The HTTP gateway in front of Triton: validation, model catalog, canary routing, fallback."""
+"""The service around Triton: HTTP doors, serving core, catalog, prediction log, async
+predictions, the model lifecycle and the repository it renders (docs/architecture.md)."""

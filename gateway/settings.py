@@ -1,4 +1,4 @@
-"""All configuration of the local tooling, from ``RTINFER_*`` environment variables.
+"""All configuration of the service and its local stack, from ``RTINFER_*`` environment variables.
 
 Nested sections use ``__``: ``RTINFER_TRITON__HTTP_PORT=9000``, ``RTINFER_REDIS__PORT=6390``.
 A port of ``0`` means "pick a free one"; a configured port that is busy is an error.

@@ -1,2 +1,2 @@
-"""Async predictions: the REST door, job messages, the worker, results, tokens, offsets and
-signed callbacks."""
+"""Async predictions: the door's logic, job messages, the worker, results, tokens, offsets and
+signed callbacks (the HTTP routes are ``gateway/http/async_predict.py``)."""

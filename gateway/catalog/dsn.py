@@ -12,6 +12,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.settings import Settings
 
 
 class CatalogNotStarted(RuntimeError):
@@ -65,3 +68,26 @@ def dsn(
     if not pw_file.exists():
         raise CatalogNotStarted(f"no password file {pw_file}; start the instance first")
     return PostgresDsn(host, port, user, database, pw_file.read_text().strip())
+
+
+def catalog_conninfo(settings: Settings) -> str:
+    """``gateway.postgres_dsn``, else the local stack's instance (its generated password)."""
+    if settings.gateway.postgres_dsn is not None:
+        return settings.gateway.postgres_dsn.get_secret_value()
+    pg = settings.postgres
+    return dsn(settings.state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
+
+
+def catalog_pool(settings: Settings, name: str, max_size: int) -> AsyncConnectionPool:
+    """An unopened autocommit pool on the catalog database."""
+    timeout_s = settings.gateway.postgres_connect_timeout_s
+    return AsyncConnectionPool(
+        catalog_conninfo(settings),
+        min_size=1,
+        max_size=max_size,
+        open=False,
+        timeout=timeout_s,
+        kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
+        name=name,
+        check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
+    )

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
-
-from gateway.lifecycle.mlflow_hooks import RegistryEvent
 
 CREATED = "created"
 ALIAS_PREFIX = "alias:"
@@ -39,6 +37,21 @@ class AppliedState:
     aliases: Mapping[tuple[str, str], int | None] = field(default_factory=dict)
 
 
+class Delivery(Protocol):
+    """What is recorded of one webhook delivery (``gateway.lifecycle.mlflow_hooks``)."""
+
+    @property
+    def delivery_id(self) -> str: ...
+    @property
+    def event(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> int | None: ...
+    @property
+    def alias(self) -> str | None: ...
+
+
 class SyncStore:
     """Deliveries and applied registry states, over the catalog's connection pool."""
 
@@ -49,7 +62,7 @@ class SyncStore:
         async with self._pool.connection() as conn:
             await conn.execute("SELECT 1")
 
-    async def record_delivery(self, event: RegistryEvent) -> bool:
+    async def record_delivery(self, event: Delivery) -> bool:
         """Record a delivery; False if its delivery id was recorded before."""
         async with self._pool.connection() as conn:
             cur = await conn.execute(

@@ -28,13 +28,10 @@ from gateway.catalog.records import DEPLOYMENT_COLUMNS, Deployment
 from gateway.errors import (
     Conflict,
     GatewayError,
-    InvalidRequest,
     ModelNotFound,
-    ModelNotReady,
     NotFound,
 )
 from gateway.schemas import ShadowRequest
-from gateway.serving.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +97,6 @@ _HISTORY = """
     VALUES (%s, %s, %s, %s)
 """
 _HAS_ACTIVE = "SELECT 1 FROM model_deployments WHERE model_name = %s AND is_active LIMIT 1"
-
-
-async def check_endpoint_ready(triton: TritonClient, endpoint: str, timeout_s: float) -> None:
-    """422 unless Triton has ``endpoint`` READY; Triton unreachable stays a 503."""
-    states = [s for s in await triton.model_states(timeout_s) if s.name == endpoint]
-    if not states:
-        raise InvalidRequest(
-            f"serving_endpoint: Triton has no model {endpoint!r} in its repository"
-        )
-    if not any(s.state == "READY" for s in states):
-        found = "; ".join(f"version {s.version or '?'}: {s.state or 'unknown'}" for s in states)
-        reason = next((s.reason for s in states if s.reason), "")
-        raise InvalidRequest(
-            f"serving_endpoint: Triton model {endpoint!r} is not READY ({found})"
-            + (f": {reason}" if reason else "")
-        )
-    try:
-        ready = await triton.is_model_ready(endpoint, timeout_s)
-    except ModelNotReady:
-        ready = False
-    if not ready:
-        raise InvalidRequest(f"serving_endpoint: Triton model {endpoint!r} is not ready")
 
 
 async def check_can_register(pool: AsyncConnectionPool, model_name: str, version: str) -> None:

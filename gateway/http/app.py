@@ -20,21 +20,16 @@ from fastapi import FastAPI
 from gateway.asyncpred.door import AsyncPredictDoor
 from gateway.auth.guards import Authenticate, install_auth
 from gateway.auth.security import ApiKeyGuard
+from gateway.catalog.dsn import catalog_conninfo
 from gateway.errors import GatewayError, install_error_handler
 from gateway.http import async_predict, health, lifecycle, models, predict
 from gateway.http.context import Runtime, install_metrics
 from gateway.http.deps import GatewayDeps
 from gateway.http.ingress import IngressMiddleware
+from gateway.lifecycle.deployer import open_deployer
 from gateway.metrics import GatewayMetrics
 from gateway.responses import OrjsonResponse
-from gateway.serving.core import (
-    ServingCore,
-    catalog_conninfo,
-    feature_store_url,
-    health_dir,
-    open_deployer,
-    open_serving_core,
-)
+from gateway.serving.core import ServingCore, feature_store_url, health_dir, open_serving_core
 from gateway.serving.health import HealthTracker
 from gateway.serving.model_health import HealthChecks
 from gateway.settings import Settings

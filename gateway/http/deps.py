@@ -21,5 +21,5 @@ class GatewayDeps:
     #: no authentication when absent
     authenticate: Authenticate | None = None
     #: runs the lifecycle admin routes; built from the settings when absent
-    #: (``gateway.serving.core.open_deployer``)
+    #: (``gateway.lifecycle.deployer.open_deployer``)
     deployer: Deployer | None = None

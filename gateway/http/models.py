@@ -10,6 +10,7 @@ from gateway.auth.guards import AdminFor, actor_of, authenticated
 from gateway.catalog import shadows
 from gateway.catalog.records import Deployment
 from gateway.catalog.snapshot import ModelEntry
+from gateway.errors import InvalidRequest, ModelNotReady
 from gateway.http.context import error_responses, model_entry, reload_catalog, runtime
 from gateway.http.lifecycle import lifecycle_history
 from gateway.schemas import (
@@ -21,6 +22,7 @@ from gateway.schemas import (
     ShadowRemoval,
     ShadowRequest,
 )
+from gateway.serving.triton_client import TritonClient
 
 router = APIRouter()
 shadow_admin = AdminFor("changing shadow deployments")
@@ -74,9 +76,7 @@ async def get_model(model_name: str, request: Request) -> ModelInfo:
 async def register_shadow(model_name: str, body: ShadowRequest, request: Request) -> DeploymentInfo:
     rt = runtime(request)
     await shadows.check_can_register(rt.pool, model_name, body.model_version)
-    await shadows.check_endpoint_ready(
-        rt.triton, body.serving_endpoint, rt.settings.triton_ready_timeout_s
-    )
+    await check_endpoint_ready(rt.triton, body.serving_endpoint, rt.settings.triton_ready_timeout_s)
     shadow = await shadows.register_shadow(rt.pool, model_name, body, actor_of(request))
     await reload_catalog(rt, "a shadow change")
     return _shadow_info(shadow)
@@ -133,3 +133,25 @@ def _deployment_info(entry: ModelEntry, d: Deployment) -> DeploymentInfo:
         ),
         deployed_at=d.deployed_at,
     )
+
+
+async def check_endpoint_ready(triton: TritonClient, endpoint: str, timeout_s: float) -> None:
+    """422 unless Triton has ``endpoint`` READY; Triton unreachable stays a 503."""
+    states = [s for s in await triton.model_states(timeout_s) if s.name == endpoint]
+    if not states:
+        raise InvalidRequest(
+            f"serving_endpoint: Triton has no model {endpoint!r} in its repository"
+        )
+    if not any(s.state == "READY" for s in states):
+        found = "; ".join(f"version {s.version or '?'}: {s.state or 'unknown'}" for s in states)
+        reason = next((s.reason for s in states if s.reason), "")
+        raise InvalidRequest(
+            f"serving_endpoint: Triton model {endpoint!r} is not READY ({found})"
+            + (f": {reason}" if reason else "")
+        )
+    try:
+        ready = await triton.is_model_ready(endpoint, timeout_s)
+    except ModelNotReady:
+        ready = False
+    if not ready:
+        raise InvalidRequest(f"serving_endpoint: Triton model {endpoint!r} is not ready")

@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+from prometheus_client import CollectorRegistry
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.catalog import swaps
+from gateway.catalog.dsn import catalog_pool
 from gateway.catalog.swaps import HistoryEntry, Row
 from gateway.lifecycle.errors import ArtifactInvalid, NothingToDo, UnknownModel
 from gateway.lifecycle.materialize import version_dir
@@ -279,3 +283,36 @@ def _serves_as(rows: list[Row], version: int, mode: Mode, pct: float) -> bool:
     if mode == "promote":
         return any(r.traffic_pct >= 100 for r in arms) and len(swaps.arms(rows)) == 1
     return any(abs(r.traffic_pct - pct) < 1e-6 for r in arms)
+
+
+@asynccontextmanager
+async def open_deployer(
+    settings: Settings,
+    *,
+    wait_s: float | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AsyncIterator[Deployer]:
+    """A model deployer over its own Postgres pool (the catalog database) and Triton's
+    repository API at ``gateway.triton_grpc_url``; closed with its pool and client.
+
+    ``wait_s``: wait that long for the first connection (raises ``PoolTimeout``); by default
+    the pool connects in the background. ``registry``: where its metrics are registered.
+    """
+    gw = settings.gateway
+    # a change in progress holds its model's advisory lock on one connection through the
+    # drain; history and catalog reads need their own
+    pool = catalog_pool(settings, "deployer", 2 * len(settings.lifecycle.managed_models) + 2)
+    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=settings.lifecycle.load_timeout_s)
+    deployer: Deployer | None = None
+    try:
+        if wait_s is None:
+            await pool.open(wait=False)
+        else:
+            await pool.open(wait=True, timeout=wait_s)
+        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
+        yield deployer
+    finally:
+        if deployer is not None:
+            await deployer.close()
+        await pool.close()
+        await triton.close()

@@ -29,6 +29,7 @@ from gateway.catalog.rollout_store import SyncStore
 from gateway.errors import GatewayError, PayloadTooLarge, install_error_handler
 from gateway.lifecycle.config import LifecycleSettings
 from gateway.lifecycle.deployer import Deployer
+from gateway.lifecycle.deployer import open_deployer as open_lifecycle_deployer
 from gateway.lifecycle.fallback_sync import align_fallbacks
 from gateway.lifecycle.mlflow_hooks import parse_event, verify_delivery
 from gateway.lifecycle.mlflow_registry import MlflowRegistry
@@ -36,7 +37,6 @@ from gateway.lifecycle.registry_sync import RegistrySync, SyncMetrics
 from gateway.lifecycle.triton_repo import TritonRepository
 from gateway.lifecycle.watchdog import ModelWatchdog
 from gateway.responses import OrjsonResponse
-from gateway.serving.core import open_deployer as open_lifecycle_deployer
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)

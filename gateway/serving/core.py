@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.catalog.dsn import dsn
+from gateway.catalog.dsn import catalog_pool
 from gateway.catalog.snapshot import Catalog
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
@@ -31,9 +30,6 @@ from gateway.serving.service import PredictionService
 from gateway.serving.triton_client import TritonClient
 from gateway.settings import Settings
 from python_backend.contract import CONTEXT_FEATURES
-
-if TYPE_CHECKING:
-    from gateway.lifecycle.deployer import Deployer
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +44,6 @@ class ServingCore:
     triton: TritonClient
     catalog: Catalog
     service: PredictionService
-
-
-def catalog_conninfo(settings: Settings) -> str:
-    """``gateway.postgres_dsn``, else the local stack's instance (its generated password)."""
-    if settings.gateway.postgres_dsn is not None:
-        return settings.gateway.postgres_dsn.get_secret_value()
-    pg = settings.postgres
-    return dsn(settings.state_dir / "postgres", pg.port, pg.host, pg.user, pg.database).conninfo
-
-
-def catalog_pool(settings: Settings, name: str, max_size: int) -> AsyncConnectionPool:
-    """An unopened autocommit pool on the catalog database."""
-    timeout_s = settings.gateway.postgres_connect_timeout_s
-    return AsyncConnectionPool(
-        catalog_conninfo(settings),
-        min_size=1,
-        max_size=max_size,
-        open=False,
-        timeout=timeout_s,
-        kwargs={"autocommit": True, "connect_timeout": max(1, round(timeout_s))},
-        name=name,
-        check=AsyncConnectionPool.check_connection,  # drop connections a restart broke
-    )
 
 
 def kafka_bootstrap(settings: Settings) -> str:
@@ -211,41 +184,3 @@ async def open_serving_core(
         if owned_log and isinstance(prediction_log, KafkaPredictionLog):
             # deliver what is queued; the rest goes to the spool, nothing is lost
             await asyncio.to_thread(prediction_log.close, 10.0)
-
-
-@asynccontextmanager
-async def open_deployer(
-    settings: Settings,
-    *,
-    wait_s: float | None = None,
-    registry: CollectorRegistry | None = None,
-) -> AsyncIterator[Deployer]:
-    """A model deployer over its own Postgres pool (the catalog database) and Triton's
-    repository API at ``gateway.triton_grpc_url``; closed with its pool and client.
-
-    ``wait_s``: wait that long for the first connection (raises ``PoolTimeout``); by default
-    the pool connects in the background. ``registry``: where its metrics are registered.
-    """
-    # imported here: the async worker uses this module and needs none of the lifecycle
-    from gateway.lifecycle.deployer import Deployer
-    from gateway.lifecycle.metrics import LifecycleMetrics
-    from gateway.lifecycle.triton_repo import TritonRepository
-
-    gw = settings.gateway
-    # a change in progress holds its model's advisory lock on one connection through the
-    # drain; history and catalog reads need their own
-    pool = catalog_pool(settings, "deployer", 2 * len(settings.lifecycle.managed_models) + 2)
-    triton = TritonRepository(gw.triton_grpc_url, load_timeout_s=settings.lifecycle.load_timeout_s)
-    deployer: Deployer | None = None
-    try:
-        if wait_s is None:
-            await pool.open(wait=False)
-        else:
-            await pool.open(wait=True, timeout=wait_s)
-        deployer = Deployer(settings, pool=pool, triton=triton, metrics=LifecycleMetrics(registry))
-        yield deployer
-    finally:
-        if deployer is not None:
-            await deployer.close()
-        await pool.close()
-        await triton.close()

@@ -185,6 +185,34 @@ def test_no_oversized_modules_or_functions(product: dict[str, Module]) -> None:
     assert oversized(product, ROOT) == []
 
 
+#: modules that assemble the subpackages: the settings tree (each package declares its section,
+#: ``config.py`` the gateway section with its async part) and ``python -m gateway``
+ASSEMBLY_POINTS = {"gateway.settings", "gateway.config", "gateway.__main__"}
+
+
+def package_of(module: str) -> str:
+    """``gateway.<sub>`` for a module of a subpackage, else its top-level package."""
+    parts = module.split(".")
+    if parts[0] == "gateway" and len(parts) > 2:
+        return ".".join(parts[:2])
+    if parts[0] == "gateway" and len(parts) == 2 and (ROOT / "gateway" / parts[1]).is_dir():
+        return module
+    return parts[0]
+
+
+def test_packages_are_layered(product: dict[str, Module]) -> None:
+    """Between packages, imports go one way only (docs/architecture.md, "Packages")."""
+    graph: dict[str, set[str]] = {}
+    for module, deps in import_graph(product).items():
+        if module in ASSEMBLY_POINTS:
+            continue
+        source = package_of(module)
+        graph.setdefault(source, set()).update(
+            package_of(d) for d in deps if package_of(d) != source
+        )
+    assert cycles(graph) == []
+
+
 def test_route_handlers_are_module_level(product: dict[str, Module]) -> None:
     assert nested_routes(product) == []
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-import gateway.serving.core
+import gateway.lifecycle.deployer
 from gateway.catalog.swaps import HistoryEntry
 from gateway.lifecycle.deployer import DeployRequest, Outcome
 from gateway.lifecycle.errors import NothingToDo
@@ -79,7 +79,7 @@ def deployer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeDeployer:
         triton_metrics_port=58002,
         postgres=stack_mod.ServiceState(pid=1, port=55432, log=""),
     )
-    monkeypatch.setattr(gateway.serving.core, "open_deployer", open_deployer)
+    monkeypatch.setattr(gateway.lifecycle.deployer, "open_deployer", open_deployer)
     monkeypatch.setattr(stack_mod, "require_running", lambda settings: state)
     return fake
 

@@ -195,8 +195,8 @@ def _run_deployer(action: Callable[[Deployer], Awaitable[T]], *, settle: bool = 
     from psycopg import OperationalError
     from psycopg_pool import PoolTimeout
 
+    from gateway.lifecycle.deployer import open_deployer
     from gateway.lifecycle.errors import LifecycleError
-    from gateway.serving.core import open_deployer
 
     try:
         state = stack_mod.require_running(_settings())
