@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import redis
 import typer
@@ -19,14 +16,16 @@ from gateway.repository.layout import RenderError
 from gateway.repository.render import render_repository
 from gateway.settings import Settings
 from python_backend.contract import CONTEXT_FEATURES
+from rtinfer import cli_lifecycle
 from rtinfer import stack as stack_mod
 from rtinfer.apikeys import apikeys_app
+from rtinfer.cli_common import echo_json, fail, settings_from_env
 from rtinfer.client import FraudClient
 from rtinfer.features import load_demo_features
 from rtinfer.stack_status import status as stack_status_of
 
 if TYPE_CHECKING:
-    from gateway.lifecycle.deployer import Deployer
+    pass
 
 T = TypeVar("T")
 
@@ -70,24 +69,11 @@ class _JsonFormatter(logging.Formatter):
         )
 
 
-def _settings() -> Settings:
-    return Settings()
-
-
-def _echo_json(obj: object) -> None:
-    typer.echo(json.dumps(obj, indent=2))
-
-
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-
-
-def _fail(message: str) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(1)
 
 
 @models_app.command("build")
@@ -108,11 +94,11 @@ def models_build(
     from rtinfer.demo.torch_mlp import TorchUnavailable
     from rtinfer.demo.train import build_demo_models
 
-    settings = _settings()
+    settings = settings_from_env()
     repo = (repository or settings.triton.model_repository).resolve()
     started = time.monotonic()
     if nn_framework not in ("sklearn", "torch"):
-        _fail(f"--nn-framework must be sklearn or torch, not {nn_framework!r}")
+        fail(f"--nn-framework must be sklearn or torch, not {nn_framework!r}")
     try:
         built = build_demo_models(
             repo,
@@ -121,7 +107,7 @@ def models_build(
             nn_framework=nn_framework,  # type: ignore[arg-type]
         )
     except TorchUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     models = render_repository(repo, settings, target)  # type: ignore[arg-type]
     typer.echo(f"built {', '.join(built)} in {time.monotonic() - started:.1f}s")
     typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
@@ -137,11 +123,11 @@ def models_register(repository: RepoOpt = None, tracking_uri: TrackingOpt = None
     """Register every version of the demo models in MLflow (already registered: skipped)."""
     from rtinfer.registry import version_dirs
 
-    settings = _settings()
+    settings = settings_from_env()
     repo = (repository or settings.triton.model_repository).resolve()
     uri = tracking_uri or _stack_tracking_uri(settings)
     if uri is None:
-        _fail("no MLflow server in the running stack; start it or pass --tracking-uri")
+        fail("no MLflow server in the running stack; start it or pass --tracking-uri")
     _register(uri, version_dirs(repo))  # type: ignore[arg-type]
 
 
@@ -169,154 +155,27 @@ def _register(tracking_uri: str, dirs: dict[str, list[Path]]) -> None:
                 what = "registered" if reg.created else "already registered"
                 typer.echo(f"{what} {name} version {reg.version} ({version_dir}) in {tracking_uri}")
     except (RegistryError, MlflowException) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @models_app.command("render")
 def models_render(target: TargetOpt = "cpu", repository: RepoOpt = None) -> None:
     """Re-render every config.pbtxt (e.g. for the NGC container) without retraining."""
-    settings = _settings()
+    settings = settings_from_env()
     repo = (repository or settings.triton.model_repository).resolve()
     try:
         models = render_repository(repo, settings, target)  # type: ignore[arg-type]
     except RenderError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"rendered {len(models)} models for target={target} into {repo}")
 
 
-def _stack_settings(state: stack_mod.StackState) -> Settings:
-    """The settings with the running stack's resolved ports, repository and target."""
-    return state.apply(_settings())
-
-
-def _run_deployer(action: Callable[[Deployer], Awaitable[T]], *, settle: bool = True) -> T:
-    """Run ``action`` with a deployer on the running stack (its catalog and Triton); then,
-    with ``settle``, wait until the replaced versions are drained and unloaded."""
-    from psycopg import OperationalError
-    from psycopg_pool import PoolTimeout
-
-    from gateway.lifecycle.deployer import open_deployer
-    from gateway.lifecycle.errors import LifecycleError
-
-    try:
-        state = stack_mod.require_running(_settings())
-    except stack_mod.StackError as exc:
-        _fail(str(exc))
-    if state.postgres is None:
-        _fail("the running stack has no postgres, which holds the model catalog")
-    settings = _stack_settings(state)
-
-    async def run() -> T:
-        wait_s = settings.gateway.postgres_connect_timeout_s
-        async with open_deployer(settings, wait_s=wait_s) as deployer:
-            result = await action(deployer)
-            if settle:
-                drain_until = getattr(result, "drain_until", None)
-                if drain_until is not None:
-                    typer.echo(
-                        f"waiting for the drain; the replaced version is unloaded at "
-                        f"{time.strftime('%H:%M:%S', time.localtime(drain_until))}",
-                        err=True,
-                    )
-                await deployer.wait_settled()
-            return result
-
-    try:
-        return asyncio.run(run())
-    except LifecycleError as exc:
-        _fail(f"{exc.code}: {exc.message}")
-    except (OperationalError, PoolTimeout) as exc:
-        _fail(f"the model catalog database is unavailable: {str(exc).strip()}")
-
-
-def _cli_actor() -> str | None:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no user name for this uid
-        return None
-
-
-ModelArg = Annotated[str, typer.Argument(help="Managed model, e.g. fraud_xgb.")]
-
-
-@models_app.command("deploy")
-def models_deploy(
-    model: ModelArg,
-    version: Annotated[int, typer.Option("--version", help="Version number to serve.")],
-    source: Annotated[
-        Path | None,
-        typer.Option(
-            "--source",
-            help="Candidate directory to place as the version (default: the version directory "
-            "already in the model repository).",
-        ),
-    ] = None,
-    mode: Annotated[str, typer.Option(help="promote, canary or shadow.")] = "promote",
-    traffic_pct: Annotated[
-        float | None,
-        typer.Option("--traffic-pct", help="Canary share, or shadow sample percentage."),
-    ] = None,
-) -> None:
-    """Validate, load, smoke-test and switch to a model version; wait for the drain."""
-    from gateway.lifecycle.deployer import DeployRequest
-
-    if mode not in ("promote", "canary", "shadow"):
-        _fail(f"--mode must be promote, canary or shadow, not {mode!r}")
-    request = DeployRequest(
-        model,
-        version,
-        mode,  # type: ignore[arg-type]
-        source=source.resolve() if source is not None else None,
-        traffic_pct=traffic_pct,
-        trigger="cli",
-        actor=_cli_actor(),
-    )
-    _echo_json(_run_deployer(lambda d: d.deploy(request)).as_dict())
-
-
-@models_app.command("promote")
-def models_promote(
-    model: ModelArg,
-    version: Annotated[
-        int | None,
-        typer.Option("--version", help="Version to serve all traffic (default: the canary)."),
-    ] = None,
-) -> None:
-    """Make a version (default: the active canary) the champion; wait for the drain."""
-    outcome = _run_deployer(lambda d: d.promote(model, version, trigger="cli", actor=_cli_actor()))
-    _echo_json(outcome.as_dict())
-
-
-@models_app.command("canary")
-def models_canary(
-    model: ModelArg,
-    version: Annotated[int, typer.Option("--version", help="Version to serve as canary.")],
-    traffic_pct: Annotated[
-        float, typer.Option("--traffic-pct", help="Share of traffic, 0 < P < 100.")
-    ],
-) -> None:
-    """Serve a version to a share of the traffic beside the champion."""
-    outcome = _run_deployer(
-        lambda d: d.canary(model, version, traffic_pct, trigger="cli", actor=_cli_actor())
-    )
-    _echo_json(outcome.as_dict())
-
-
-@models_app.command("rollback")
-def models_rollback(model: ModelArg) -> None:
-    """End the model's canary or shadow, else return to its previous champion."""
-    outcome = _run_deployer(lambda d: d.rollback(model, trigger="cli", actor=_cli_actor()))
-    _echo_json(outcome.as_dict())
-
-
-@models_app.command("history")
-def models_history(
-    model: ModelArg,
-    limit: Annotated[int, typer.Option(min=1, help="Entries to show, newest first.")] = 20,
-) -> None:
-    """The model's lifecycle history: deploys, failures with their step, rollbacks."""
-    entries = _run_deployer(lambda d: d.history(model, limit), settle=False)
-    _echo_json([e.as_dict() for e in entries])
+# the lifecycle on the running stack (rtinfer/cli_lifecycle.py)
+models_app.command("deploy")(cli_lifecycle.models_deploy)
+models_app.command("promote")(cli_lifecycle.models_promote)
+models_app.command("canary")(cli_lifecycle.models_canary)
+models_app.command("rollback")(cli_lifecycle.models_rollback)
+models_app.command("history")(cli_lifecycle.models_history)
 
 
 @features_app.command("load")
@@ -324,7 +183,7 @@ def features_load(
     url: Annotated[str | None, typer.Option(help="Redis URL (default: the running stack).")] = None,
 ) -> None:
     """Write the demo users and merchants into Redis."""
-    settings = _settings()
+    settings = settings_from_env()
     if url is None:
         state = stack_mod.StackState.load(settings.state_dir)
         url = state.redis_url if state is not None else settings.redis.url
@@ -338,11 +197,11 @@ def stack_up(
     features: Annotated[bool, typer.Option(help="Seed the demo features.")] = True,
 ) -> None:
     """Start Redis, PostgreSQL, Kafka, MLflow, Triton (every model READY) and the gateway."""
-    settings = _settings()
+    settings = settings_from_env()
     try:
         state = stack_mod.up(settings, load_features=features)
     except (stack_mod.StackError, RenderError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     ports = state.triton_ports
     typer.echo(f"redis    {state.redis_url}")
     if state.postgres is not None:
@@ -378,7 +237,7 @@ def worker() -> None:
     """
     from gateway.asyncpred.worker import main as run_worker
 
-    settings = _settings().model_copy(deep=True)
+    settings = settings_from_env().model_copy(deep=True)
     state = stack_mod.StackState.load(settings.state_dir)
     if state is not None:
         settings.redis.port = state.redis.port
@@ -391,7 +250,7 @@ def worker() -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the running stack."""
-    stopped = stack_mod.down(_settings())
+    stopped = stack_mod.down(settings_from_env())
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -400,18 +259,18 @@ def stack_restart(
     service: Annotated[str, typer.Argument(help="e.g. gateway, triton, async-worker-0.")],
 ) -> None:
     """Restart one service of the running stack through its supervisor."""
-    settings = _settings()
+    settings = settings_from_env()
     try:
         stack_mod.restart(settings, service)
     except stack_mod.StackError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"restarted {service}")
 
 
 @stack_app.command("status")
 def stack_status() -> None:
     """Show pids, ports and readiness of each service."""
-    _echo_json(stack_status_of(_settings()))
+    echo_json(stack_status_of(settings_from_env()))
 
 
 @app.command("predict")
@@ -429,12 +288,12 @@ def predict(
     features: Annotated[bool, typer.Option(help="Also print the served feature vector.")] = False,
 ) -> None:
     """Send one prediction request to the running stack and print the result."""
-    settings = _settings()
+    settings = settings_from_env()
     try:
         state = stack_mod.require_running(settings)
         ctx = json.loads(context)
     except (stack_mod.StackError, json.JSONDecodeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     ports = state.triton_ports
     url = ports.http_url if protocol == "http" else ports.grpc_url
     with FraudClient(url, protocol) as client:  # type: ignore[arg-type]
@@ -442,7 +301,7 @@ def predict(
             started = time.perf_counter()
             result = client.predict_one(model, user_id, merchant_id, ctx)
         except Exception as exc:  # tritonclient raises its own InferenceServerException
-            _fail(f"{type(exc).__name__}: {exc}")
+            fail(f"{type(exc).__name__}: {exc}")
     out = {
         "model": model,
         "user_id": user_id,
@@ -450,7 +309,7 @@ def predict(
         **result.to_dict(with_features=features),
         "latency_ms": round((time.perf_counter() - started) * 1000, 2),
     }
-    _echo_json(out)
+    echo_json(out)
 
 
 if __name__ == "__main__":
