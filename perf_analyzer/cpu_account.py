@@ -106,7 +106,7 @@ class CpuMeter:
 #: (stage, substrings of a frame). A sample goes to the first of these stages with a frame
 #: anywhere on its stack (e.g. Redis socket writes under the rate limiter count as auth) ...
 SPECIFIC_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("prediction log (Kafka produce, delivery callbacks)", ("gateway/predlog/writer.py",)),
+    ("prediction log (Kafka produce, delivery callbacks)", ("gateway/predlog/",)),
     ("JSON log lines", ("logging/__init__.py", "gateway/logs.py", "json/encoder.py")),
     ("Prometheus metrics", ("prometheus_client/",)),
     (
@@ -122,7 +122,10 @@ SPECIFIC_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 #: ... else to the framework stage of its innermost frame that matches one.
 FRAMEWORK_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("FastAPI/Starlette routing and middleware", ("fastapi/", "starlette/", "gateway/ingress")),
+    (
+        "FastAPI/Starlette routing and middleware",
+        ("fastapi/", "starlette/", "gateway/http/ingress"),
+    ),
     ("uvicorn HTTP protocol (httptools)", ("uvicorn/protocols/",)),
     ("asyncio/uvloop loop and sockets", ("asyncio/", "uvicorn/")),
 )
