@@ -121,6 +121,14 @@ class GatewaySettings(BaseModel):
     rate_limit_burst: float = Field(
         2.0, gt=0, description="Bucket size as a multiple of the key's per-second rate."
     )
+    rate_limit_lease_s: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Each gateway process takes this many seconds' worth of a key's rate from "
+        "Redis at once and serves that key's next requests from it (0: a Redis call per "
+        "request).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the gateway's JSON log lines."
     )

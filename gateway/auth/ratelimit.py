@@ -9,6 +9,14 @@ so gateways with skewed clocks still agree. The script is called by ``EVALSHA``;
 Buckets get a TTL of the time a refill from empty takes (+1 s), so idle keys leave Redis: an
 expired bucket and a full one are the same thing.
 
+**Leases.** A call takes up to ``lease_s`` seconds' worth of the key's rate (at least the
+request's cost, at most what the bucket holds) and this process serves the next requests of
+that key from the leased tokens, without a Redis round trip, until they are used up or
+``lease_ttl_s`` has passed. Tokens are taken from the shared bucket before they are spent, so
+the limit is never exceeded; what a lease does not use before it expires is lost, at most
+``rate * lease_s`` tokens per process and lease. Keys slower than ``1 / lease_s`` requests/s
+lease one token at a time, exactly as without leases. ``lease_s = 0`` turns leases off.
+
 **Redis down fails open.** A rate limiter protects capacity; it is not an access control
 (authentication is). Refusing every request because the limiter's store is unreachable would
 turn a Redis outage into a full outage of the prediction API, so a failed call allows the
@@ -39,13 +47,15 @@ from python_backend.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
-#: KEYS[1] bucket; ARGV rate (tokens/s), burst (capacity), cost.
-#: Returns {allowed 0|1, tokens left, seconds until ``cost`` tokens are available}; floats as
-#: strings (Lua numbers would be truncated to integers in the reply).
+#: KEYS[1] bucket; ARGV rate (tokens/s), burst (capacity), cost, want (>= cost: the lease).
+#: Returns {allowed 0|1, tokens left, seconds until ``cost`` tokens are available, tokens
+#: granted (cost <= granted <= want)}; floats as strings (Lua numbers would be truncated to
+#: integers in the reply).
 TOKEN_BUCKET_LUA = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -58,14 +68,15 @@ end
 tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
 if tokens < cost then
   -- nothing written: recomputing from the stored state later gives the same answer
-  return {0, tostring(tokens), tostring((cost - tokens) / rate)}
+  return {0, tostring(tokens), tostring((cost - tokens) / rate), '0'}
 end
-tokens = tokens - cost
+local take = math.min(tokens, want)
+tokens = tokens - take
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 -- until the bucket is full again, plus a second; %d: PEXPIRE wants an integer literal
 local ttl_ms = math.ceil((burst - tokens) / rate * 1000) + 1000
 redis.call('PEXPIRE', KEYS[1], string.format('%d', ttl_ms))
-return {1, tostring(tokens), '0'}
+return {1, tostring(tokens), '0', tostring(take)}
 """
 _SCRIPT_SHA = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
 
@@ -109,6 +120,15 @@ def burst_for(rate_per_s: float, multiplier: float) -> float:
 
 
 @dataclass
+class _Lease:
+    """Tokens this process took from a key's bucket ahead of its requests."""
+
+    tokens: float
+    expires_at: float
+    rate_per_s: float
+
+
+@dataclass
 class RateLimiterStats:
     """Counters for the gateway's metrics."""
 
@@ -120,6 +140,8 @@ class RateLimiterStats:
     redis_errors: int = 0
     #: EVALSHA answered NOSCRIPT and the script was sent again
     script_loads: int = 0
+    #: requests allowed from a lease, without a Redis call
+    leased: int = 0
 
 
 class RedisRateLimiter:
@@ -138,16 +160,24 @@ class RedisRateLimiter:
         key_prefix: str = "ratelimit",
         breaker_failure_threshold: int = 3,
         breaker_reset_timeout_s: float = 1.0,
+        lease_s: float = 0.0,
+        lease_ttl_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if burst_multiplier <= 0 or timeout_s <= 0:
             raise ValueError("burst_multiplier and timeout_s must be positive")
+        if lease_s < 0 or lease_ttl_s <= 0:
+            raise ValueError("lease_s must be >= 0 and lease_ttl_s positive")
         self._client = client
         self._owns_client = False
         self._burst_multiplier = burst_multiplier
         self._timeout_s = timeout_s
         self._prefix = key_prefix
         self._breaker = CircuitBreaker(breaker_failure_threshold, breaker_reset_timeout_s, clock)
+        self._lease_s, self._lease_ttl_s, self._clock = lease_s, lease_ttl_s, clock
+        self._leases: dict[str, _Lease] = {}
+        #: per key, the lease call in flight that other requests of the key wait for
+        self._fetching: dict[str, asyncio.Future[None]] = {}
         self.stats = RateLimiterStats()
 
     @classmethod
@@ -159,6 +189,7 @@ class RedisRateLimiter:
         timeout_s: float = 0.05,
         breaker_failure_threshold: int = 3,
         breaker_reset_timeout_s: float = 1.0,
+        lease_s: float = 0.0,
     ) -> RedisRateLimiter:
         """A limiter owning a fail-fast client: one attempt, ``timeout_s`` to connect and answer."""
         client = aioredis.Redis.from_url(
@@ -173,6 +204,7 @@ class RedisRateLimiter:
             timeout_s=timeout_s,
             breaker_failure_threshold=breaker_failure_threshold,
             breaker_reset_timeout_s=breaker_reset_timeout_s,
+            lease_s=lease_s,
         )
         limiter._owns_client = True
         return limiter
@@ -197,12 +229,37 @@ class RedisRateLimiter:
         burst = burst_for(rate_per_s, self._burst_multiplier)
         if not 0 < cost <= burst:
             raise ValueError(f"cost must be in (0, {burst:g}] for rate {rate_per_s:g}/s")
+        leased = await self._leased(key_id, rate_per_s, cost)
+        if leased is not None:
+            return leased
         if not self._breaker.allow():
             self.stats.failed_open += 1
             return RateDecision(True, 0.0, math.inf)
+        want = max(cost, min(burst, rate_per_s * self._lease_s))
+        fetched = self._begin_fetch(key_id) if want > cost else None
+        try:
+            reply = await self._call(key_id, rate_per_s, burst, cost, want)
+            if reply is None:
+                return RateDecision(True, 0.0, math.inf)
+            allowed, remaining, retry_after = int(reply[0]) == 1, float(reply[1]), float(reply[2])
+            if allowed:
+                self.stats.allowed += 1
+                self._keep_lease(key_id, rate_per_s, float(reply[3]) - cost)
+            else:
+                self.stats.limited += 1
+            return RateDecision(allowed, retry_after, remaining)
+        finally:
+            if fetched is not None:
+                self._settle_fetch(key_id, fetched)
+
+    async def _call(
+        self, key_id: str, rate_per_s: float, burst: float, cost: float, want: float
+    ) -> list[bytes] | None:
+        """The script's reply, or ``None`` when Redis failed (the request is let through)."""
         try:
             reply = await asyncio.wait_for(
-                self._run(self.bucket_key(key_id), rate_per_s, burst, cost), self._timeout_s
+                self._run(self.bucket_key(key_id), rate_per_s, burst, cost, want),
+                self._timeout_s,
             )
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             self._breaker.record_failure()
@@ -213,14 +270,55 @@ class RedisRateLimiter:
                 type(exc).__name__,
                 str(exc) or "timeout",
             )
-            return RateDecision(True, 0.0, math.inf)
+            return None
         self._breaker.record_success()
-        allowed, remaining, retry_after = int(reply[0]) == 1, float(reply[1]), float(reply[2])
-        if allowed:
-            self.stats.allowed += 1
-        else:
-            self.stats.limited += 1
-        return RateDecision(allowed, retry_after, remaining)
+        return reply
+
+    async def _leased(self, key_id: str, rate_per_s: float, cost: float) -> RateDecision | None:
+        """Allowed from the lease, waiting for a lease call of the key already in flight."""
+        while (leased := self._from_lease(key_id, rate_per_s, cost)) is None:
+            fetching = self._fetching.get(key_id)
+            if fetching is None:
+                return None
+            await asyncio.shield(fetching)  # one lease call per key at a time; then retry
+        return leased
+
+    def _begin_fetch(self, key_id: str) -> asyncio.Future[None]:
+        fetched: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fetching[key_id] = fetched
+        return fetched
+
+    def _from_lease(self, key_id: str, rate_per_s: float, cost: float) -> RateDecision | None:
+        """Allowed from this process's lease of the key, or ``None`` (ask Redis)."""
+        lease = self._leases.get(key_id)
+        if lease is None:
+            return None
+        if lease.expires_at <= self._clock() or lease.rate_per_s != rate_per_s:
+            del self._leases[key_id]
+            return None
+        if lease.tokens < cost:
+            return None
+        lease.tokens -= cost
+        self.stats.allowed += 1
+        self.stats.leased += 1
+        return RateDecision(True, 0.0, lease.tokens)
+
+    def _keep_lease(self, key_id: str, rate_per_s: float, tokens: float) -> None:
+        """Keep ``tokens`` taken beyond the request's cost (with what is left of the old lease)."""
+        if tokens < 1e-9:
+            return
+        now = self._clock()
+        old = self._leases.get(key_id)
+        if old is not None and old.expires_at > now and old.rate_per_s == rate_per_s:
+            tokens += old.tokens
+        self._leases[key_id] = _Lease(tokens, now + self._lease_ttl_s, rate_per_s)
+
+    def _settle_fetch(self, key_id: str, fetched: asyncio.Future[None]) -> None:
+        """Wake the requests that waited for this lease call."""
+        if self._fetching.get(key_id) is fetched:
+            del self._fetching[key_id]
+        if not fetched.done():
+            fetched.set_result(None)
 
     async def enforce(self, key_id: str, rate_per_s: float | None, cost: float = 1) -> RateDecision:
         """:meth:`acquire`, raising :class:`RateLimited` when refused."""
@@ -229,8 +327,10 @@ class RedisRateLimiter:
             raise RateLimited(rate_per_s, decision.retry_after_s)
         return decision
 
-    async def _run(self, key: str, rate: float, burst: float, cost: float) -> list[bytes]:
-        args = (repr(float(rate)), repr(float(burst)), repr(float(cost)))
+    async def _run(
+        self, key: str, rate: float, burst: float, cost: float, want: float
+    ) -> list[bytes]:
+        args = (repr(float(rate)), repr(float(burst)), repr(float(cost)), repr(float(want)))
         try:
             return await cast(
                 Awaitable[list[bytes]], self._client.evalsha(_SCRIPT_SHA, 1, key, *args)

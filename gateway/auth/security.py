@@ -32,10 +32,13 @@ class ApiKeyGuard:
         *,
         cache_ttl_s: float = 60.0,
         burst_multiplier: float = 2.0,
+        lease_s: float = 0.0,
     ) -> ApiKeyGuard:
         return cls(
             ApiKeyAuthenticator(conninfo, cache_ttl_s=cache_ttl_s),
-            RedisRateLimiter.from_url(redis_url, burst_multiplier=burst_multiplier),
+            RedisRateLimiter.from_url(
+                redis_url, burst_multiplier=burst_multiplier, lease_s=lease_s
+            ),
         )
 
     async def __call__(self, request: Request) -> ApiKey:

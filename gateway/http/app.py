@@ -138,6 +138,7 @@ def _api_key_guard(settings: Settings) -> ApiKeyGuard:
         rate_limit_redis_url(settings),
         cache_ttl_s=gw.auth_cache_ttl_s,
         burst_multiplier=gw.rate_limit_burst,
+        lease_s=gw.rate_limit_lease_s,
     )
 
 

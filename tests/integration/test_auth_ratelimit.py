@@ -306,6 +306,80 @@ def test_two_limiters_share_one_bucket(redis_url: str) -> None:
     asyncio.run(go())
 
 
+def test_a_lease_serves_the_next_requests_without_redis(redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+
+    async def go() -> RedisRateLimiter:
+        # 100/s, burst 200: a lease of 0.5 s takes 50 tokens at once
+        limiter = RedisRateLimiter.from_url(redis_url, lease_s=0.5)
+        try:
+            assert all([(await limiter.acquire("k-lease", 100)).allowed for _ in range(50)])
+            assert limiter.stats.leased == 49
+            tokens = float(sync.hget("ratelimit:k-lease", "tokens") or 0)
+            assert 150 <= tokens < 151  # taken from the shared bucket before being spent
+            assert (await limiter.acquire("k-lease", 100)).allowed  # a new lease
+            assert limiter.stats.leased == 49
+            return limiter
+        finally:
+            await limiter.close()
+
+    asyncio.run(go())
+    sync.close()
+
+
+def test_leases_never_let_more_through_than_the_bucket_holds(redis_url: str) -> None:
+    async def go() -> None:
+        # 10/s, burst 20; each limiter leases 10 tokens (1 s worth) at a time
+        a = RedisRateLimiter.from_url(redis_url, lease_s=1.0)
+        b = RedisRateLimiter.from_url(redis_url, lease_s=1.0)
+        try:
+            allowed = 0
+            for _ in range(15):
+                allowed += (await a.acquire("k-lease-shared", 10)).allowed
+                allowed += (await b.acquire("k-lease-shared", 10)).allowed
+            # 20 in the bucket, plus what refilled at 10/s during the loop (well under 1 s)
+            assert 20 <= allowed <= 25
+            assert a.stats.limited + b.stats.limited == 30 - allowed
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(go())
+
+
+def test_concurrent_requests_share_one_lease_call(redis_url: str) -> None:
+    async def go() -> None:
+        # 100/s, burst 200, leases of 50: 40 requests at once need one call, not 40 leases
+        # of 50 each (which would drain the bucket after 4 and refuse the other 36)
+        limiter = RedisRateLimiter.from_url(redis_url, lease_s=0.5)
+        try:
+            decisions = await asyncio.gather(
+                *(limiter.acquire("k-lease-burst", 100) for _ in range(40))
+            )
+            assert all(d.allowed for d in decisions)
+            assert limiter.stats.leased == 39
+        finally:
+            await limiter.close()
+
+    asyncio.run(go())
+
+
+def test_an_expired_lease_goes_back_to_redis(redis_url: str) -> None:
+    async def go() -> None:
+        limiter = RedisRateLimiter.from_url(redis_url, lease_s=1.0)
+        try:
+            assert (await limiter.acquire("k-lease-ttl", 100)).allowed  # leases 100
+            assert (await limiter.acquire("k-lease-ttl", 100)).allowed
+            assert limiter.stats.leased == 1
+            await asyncio.sleep(0.3)  # past the 0.25 s lease TTL
+            assert (await limiter.acquire("k-lease-ttl", 100)).allowed
+            assert limiter.stats.leased == 1
+        finally:
+            await limiter.close()
+
+    asyncio.run(go())
+
+
 def test_idle_bucket_expires_and_script_survives_a_flush(redis_url: str) -> None:
     sync = redis.Redis.from_url(redis_url)
 
