@@ -35,15 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from cpu_account import CpuMeter
+from loadgen import predict_body
 
 from gateway.auth.key_store import create_api_key, revoke_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
-from python_backend.contract import CONTEXT_FEATURES
 from rtinfer import stack as stack_mod
-
-sys.path.insert(0, str(Path(__file__).parent))
-from cpu_account import CpuMeter
 
 HERE = Path(__file__).parent
 MODEL, PIPELINE = "fraud_xgb", "fraud_xgb_pipeline"
@@ -68,12 +66,7 @@ def bodies(input_data: Path, n: int) -> tuple[list[dict], list[dict]]:
     for row in rows:
         user, merchant = row["user_id"]["content"][0], row["merchant_id"]["content"][0]
         ctx = [float(v) for v in row["context"]["content"]]
-        rest.append(
-            {
-                "entity_ids": {"user_id": user, "merchant_id": merchant},
-                "context": dict(zip(CONTEXT_FEATURES, ctx, strict=True)),
-            }
-        )
+        rest.append(predict_body(row))
         v2.append(
             {
                 "inputs": [

@@ -42,6 +42,17 @@ def ensure_vegeta() -> Path:
     return binary
 
 
+def predict_body(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``POST /predict/{model}`` body of one row of perf_analyzer's input file."""
+    return {
+        "entity_ids": {
+            "user_id": row["user_id"]["content"][0],
+            "merchant_id": row["merchant_id"]["content"][0],
+        },
+        "context": dict(zip(CONTEXT_FEATURES, row["context"]["content"], strict=True)),
+    }
+
+
 def write_targets(
     input_data: Path, url: str, api_key: str | None, out: Path, model: str = "fraud_xgb"
 ) -> int:
@@ -55,13 +66,7 @@ def write_targets(
         header["X-API-Key"] = [api_key]
     with out.open("w") as f:
         for row in rows:
-            body = {
-                "entity_ids": {
-                    "user_id": row["user_id"]["content"][0],
-                    "merchant_id": row["merchant_id"]["content"][0],
-                },
-                "context": dict(zip(CONTEXT_FEATURES, row["context"]["content"], strict=True)),
-            }
+            body = predict_body(row)
             target = {
                 "method": "POST",
                 "url": f"{url}/predict/{model}",

@@ -12,8 +12,7 @@ from starlette.responses import Response
 from gateway.asyncpred.door import AsyncPredictDoor, Caller
 from gateway.asyncpred.schemas import AsyncAccepted, AsyncPredictRequest, AsyncStatus
 from gateway.auth.guards import auth_configured, authenticated
-from gateway.errors import ModelNotFound, UpstreamUnavailable
-from gateway.http.context import error_responses, runtime
+from gateway.http.context import error_responses, model_entry, runtime
 from gateway.http.predict import request_id_of
 from gateway.responses import OrjsonResponse
 from gateway.schemas import REQUEST_ID_HEADER
@@ -23,14 +22,6 @@ router = APIRouter()
 
 def _door(request: Request) -> AsyncPredictDoor:
     return request.app.state.async_predict  # type: ignore[no-any-return]
-
-
-def _require_model(request: Request, model_name: str) -> None:
-    catalog = runtime(request).catalog
-    if not catalog.loaded:
-        raise UpstreamUnavailable("the model catalog has not been loaded yet")
-    if catalog.get(model_name) is None:
-        raise ModelNotFound(f"unknown model {model_name!r}")
 
 
 @router.post(
@@ -46,7 +37,7 @@ def _require_model(request: Request, model_name: str) -> None:
 )
 async def submit(model_name: str, body: AsyncPredictRequest, request: Request) -> Response:
     request_id = request_id_of(request, body.request_id)
-    _require_model(request, model_name)
+    model_entry(runtime(request), model_name)  # 404/503 before anything is queued
     caller = Caller.of(request, auth_configured(request))
     accepted = await _door(request).submit(model_name, body, request_id, caller)
     return OrjsonResponse(

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
 import psycopg
@@ -73,11 +72,10 @@ async def promote(
     body: Annotated[PromoteRequest | None, Body()] = None,
 ) -> DeployOutcome:
     version = body.version if body is not None else None
-    async with _deployer(request) as deployer:
-        outcome = await deployer.promote(
-            model_name, version, trigger=TRIGGER, actor=actor_of(request)
-        )
-    return await _answer(request, outcome)
+    actor = actor_of(request)
+    return await _change(
+        request, lambda d: d.promote(model_name, version, trigger=TRIGGER, actor=actor)
+    )
 
 
 @router.post(
@@ -90,15 +88,13 @@ async def promote(
     "of the requests (sticky per user) beside the champion.",
 )
 async def canary(model_name: ModelName, body: CanaryRequest, request: Request) -> DeployOutcome:
-    async with _deployer(request) as deployer:
-        outcome = await deployer.canary(
-            model_name,
-            body.version,
-            body.traffic_pct,
-            trigger=TRIGGER,
-            actor=actor_of(request),
-        )
-    return await _answer(request, outcome)
+    actor = actor_of(request)
+    return await _change(
+        request,
+        lambda d: d.canary(
+            model_name, body.version, body.traffic_pct, trigger=TRIGGER, actor=actor
+        ),
+    )
 
 
 @router.post(
@@ -111,9 +107,8 @@ async def canary(model_name: ModelName, body: CanaryRequest, request: Request) -
     "version to return to.",
 )
 async def rollback(model_name: ModelName, request: Request) -> DeployOutcome:
-    async with _deployer(request) as deployer:
-        outcome = await deployer.rollback(model_name, trigger=TRIGGER, actor=actor_of(request))
-    return await _answer(request, outcome)
+    actor = actor_of(request)
+    return await _change(request, lambda d: d.rollback(model_name, trigger=TRIGGER, actor=actor))
 
 
 async def lifecycle_history(rt: Runtime, model_name: str) -> list[LifecycleEvent] | None:
@@ -132,18 +127,20 @@ async def lifecycle_history(rt: Runtime, model_name: str) -> list[LifecycleEvent
         return None
 
 
-@asynccontextmanager
-async def _deployer(request: Request) -> AsyncIterator[Deployer]:
-    """This gateway's deployer; an unreachable catalog database becomes a 503."""
+async def _change(
+    request: Request, change: Callable[[Deployer], Awaitable[Outcome]]
+) -> DeployOutcome:
+    """Run one lifecycle change on this gateway's deployer and answer its outcome.
+
+    An unreachable catalog database becomes a 503; after a change this gateway reloads its
+    catalog at once, so its next request already routes to the new deployment.
+    """
     try:
-        yield runtime(request).deployer
+        outcome = await change(runtime(request).deployer)
     except (psycopg.OperationalError, PoolTimeout) as exc:
         raise CatalogUnavailable(
             f"the model catalog database is unavailable: {type(exc).__name__}: {str(exc).strip()}"
         ) from exc
-
-
-async def _answer(request: Request, outcome: Outcome) -> DeployOutcome:
     if outcome.action != "unchanged":
         await reload_catalog(runtime(request), "a lifecycle change")
     return DeployOutcome(**outcome.as_dict())
