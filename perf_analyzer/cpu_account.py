@@ -106,7 +106,7 @@ class CpuMeter:
 #: (stage, substrings of a frame). A sample goes to the first of these stages with a frame
 #: anywhere on its stack (e.g. Redis socket writes under the rate limiter count as auth) ...
 SPECIFIC_STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("prediction log (Kafka produce, delivery callbacks)", ("gateway/predlog/",)),
+    ("prediction log (Kafka produce, delivery callbacks)", ("python_backend/predlog/",)),
     ("JSON log lines", ("logging/__init__.py", "gateway/logs.py", "json/encoder.py")),
     ("Prometheus metrics", ("prometheus_client/",)),
     (

@@ -1,6 +1,6 @@
 """CPU cost of the prediction log per record: in the producer and in the Kafka broker.
 
-Feeds ``gateway.predlog.writer.KafkaPredictionLog`` (the gateway's class) a constant rate of
+Feeds ``python_backend.predlog.writer.KafkaPredictionLog`` (the gateway's class) a constant rate of
 records shaped like the gateway's, for each ``--linger-ms`` value, against the Kafka broker
 of a running local stack, and prints one JSON line per setting: CPU µs per record in this
 process (``log()``, delivery callbacks, librdkafka threads) and in the broker.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cpu_account import CpuMeter
 
-from gateway.predlog.writer import KafkaPredictionLog
+from python_backend.predlog.writer import KafkaPredictionLog
 from rtinfer.stack import StackState
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.auth.guards import Authenticate
-from gateway.predlog.sink import PredictionLog
+from python_backend.predlog.sink import PredictionLog
 
 if TYPE_CHECKING:
     from gateway.lifecycle.deployer import Deployer

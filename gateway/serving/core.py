@@ -22,18 +22,16 @@ from gateway.catalog.dsn import catalog_pool
 from gateway.catalog.snapshot import Catalog
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
-from gateway.predlog.sink import DiscardPredictionLog, PredictionLog
-from gateway.predlog.spool import SpoolLockedError
-from gateway.predlog.writer import KafkaPredictionLog
 from gateway.serving.health import HealthTracker
 from gateway.serving.service import PredictionService
 from gateway.serving.triton_client import TritonClient
 from gateway.settings import Settings
 from python_backend.contract import CONTEXT_FEATURES
+from python_backend.predlog.sink import DiscardPredictionLog, PredictionLog
+from python_backend.predlog.slots import open_in_free_slot
+from python_backend.predlog.writer import KafkaPredictionLog
 
 log = logging.getLogger(__name__)
-
-MAX_SPOOL_SLOTS = 64
 
 
 @dataclass(frozen=True)
@@ -84,17 +82,16 @@ def open_prediction_log(
         return DiscardPredictionLog()
     bootstrap = kafka_bootstrap(settings)
     root = gw.spool_dir or settings.state_dir / "spool"
-    for slot in range(MAX_SPOOL_SLOTS):
-        try:
-            return KafkaPredictionLog(
-                bootstrap,
-                spool_dir=root / f"slot-{slot}",
-                linger_ms=gw.prediction_log_linger_ms,
-                registry=registry,
-            )
-        except SpoolLockedError:
-            continue
-    raise RuntimeError(f"all {MAX_SPOOL_SLOTS} prediction-log spool slots in {root} are in use")
+    return open_in_free_slot(
+        root,
+        "slot",
+        lambda slot: KafkaPredictionLog(
+            bootstrap,
+            spool_dir=slot,
+            linger_ms=gw.prediction_log_linger_ms,
+            registry=registry,
+        ),
+    )
 
 
 async def connect_triton(triton: TritonClient, timeout_s: float) -> None:

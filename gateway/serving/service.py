@@ -38,11 +38,11 @@ from gateway.errors import (
 )
 from gateway.logs import model_var, model_version_var, request_id_var
 from gateway.metrics import GatewayMetrics
-from gateway.predlog.sink import PredictionLog
 from gateway.schemas import PredictRequest, PredictResponse
 from gateway.serving.health import HealthTracker
 from gateway.serving.shadow import ShadowMirror
 from gateway.serving.triton_client import InferenceResult, TritonClient
+from python_backend.predlog.sink import PredictionLog
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from gateway.catalog.records import Deployment
 from gateway.errors import GatewayError
 from gateway.logs import model_version_var
 from gateway.metrics import GatewayMetrics
-from gateway.predlog.sink import PredictionLog
 from gateway.schemas import PredictRequest
 from gateway.serving.triton_client import InferenceResult
+from python_backend.predlog.sink import PredictionLog
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from gateway.catalog.dsn import dsn
 from gateway.config import GatewaySettings
 from gateway.http.app import create_app
 from gateway.http.deps import GatewayDeps
-from gateway.predlog.sink import DiscardPredictionLog
 from gateway.settings import Settings
+from python_backend.predlog.sink import DiscardPredictionLog
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor
 

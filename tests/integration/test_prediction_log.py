@@ -18,7 +18,7 @@ import pytest
 from kafka_broker import Broker, running_broker_with_topics
 from kafka_reader import consume_all
 
-from gateway.predlog.writer import KafkaPredictionLog
+from python_backend.predlog.writer import KafkaPredictionLog
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -239,7 +239,7 @@ def test_close_while_broker_down_spools_and_next_instance_replays(
 
 _KILLED_WRITER = """
 import json, sys, time
-from gateway.predlog.writer import KafkaPredictionLog
+from python_backend.predlog.writer import KafkaPredictionLog
 bootstrap, spool, prefix, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 plog = KafkaPredictionLog(bootstrap, spool_dir=spool, linger_ms=float(sys.argv[5]))
 for i in range(n):

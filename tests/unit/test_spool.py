@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.predlog import spool as spool_module
-from gateway.predlog.spool import Spool, SpoolFullError, SpoolLockedError
+from python_backend.predlog import spool as spool_module
+from python_backend.predlog.spool import Spool, SpoolFullError, SpoolLockedError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_crash_before_ack_replays_records_again(tmp_path: Path) -> None:
         f"""
         import os, sys
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from gateway.predlog.spool import Spool
+        from python_backend.predlog.spool import Spool
         spool = Spool({str(tmp_path)!r}, fsync_every=1000, fsync_interval_s=3600)
         for i in range(8):
             spool.append(b'{{"request_id":"req-%04d","prediction":0.5}}' % i)

@@ -13,6 +13,7 @@ from python_backend.contract import OUTPUTS, context_vector, decode, ensemble_in
 
 Protocol = Literal["http", "grpc"]
 
+
 @dataclass(frozen=True)
 class Prediction:
     """One row of an ensemble response."""

@@ -1,6 +1,6 @@
 """What the serving core hands every served prediction to: the prediction-log protocol.
 
-:class:`gateway.predlog.writer.KafkaPredictionLog` is the production implementation.
+:class:`python_backend.predlog.writer.KafkaPredictionLog` is the production implementation.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ the rest:
 
 * the *pump* serves librdkafka's delivery reports (``poll``): a confirmed message is counted,
   a failed one (timed out, broker down, producer fatal) is appended to the on-disk
-  :class:`~gateway.predlog.spool.Spool`, as are records ``produce`` refused because the queue was
-  full. It also ``fsync``\s the spool on its time budget.
+  :class:`~python_backend.predlog.spool.Spool`, as are records ``produce`` refused because
+  the queue was full. It also ``fsync``\s the spool on its time budget.
 * the *replayer* re-produces spooled records, oldest first, whenever the spool is not empty
   and the broker answers a metadata request, and acknowledges them in the spool only once
   Kafka confirmed their delivery.
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from gateway.predlog.bookkeeping import (
+from python_backend.predlog.bookkeeping import (
     PERMANENT_ERRORS,
     InFlight,
     LogCollector,
@@ -44,9 +44,9 @@ from gateway.predlog.bookkeeping import (
     ReplayBatch,
     every_power_of_two,
 )
-from gateway.predlog.config import open_spools, producer_config_for
-from gateway.predlog.records import encode_record
-from gateway.predlog.spool import SpoolError, SpoolFullError
+from python_backend.predlog.config import open_spools, producer_config_for
+from python_backend.predlog.records import encode_record
+from python_backend.predlog.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry

@@ -10,7 +10,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message
 
-from gateway.predlog.spool import SpoolEntry
+from python_backend.predlog.spool import SpoolEntry
 
 #: errors a retry cannot fix; such a record is dropped (and counted), not spooled forever
 PERMANENT_ERRORS = frozenset(

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gateway.predlog.spool import Spool
+from python_backend.predlog.spool import Spool
 
 #: sub-directory of the spool slot holding the journal of records in flight
 JOURNAL_DIR = "journal"
