@@ -134,6 +134,12 @@ class PostprocessSettings(BaseModel):
         default_factory=lambda: {"fraud_xgb": 0.6, "fraud_nn": 0.4},
         description="Weights of fraud_blend_pipeline.",
     )
+    log_direct: bool = Field(
+        True,
+        description="Log the predictions of direct Triton clients (HTTP/gRPC, not the gateway) "
+        "from the pipelines' postprocess step, to the same Kafka topic with arm 'direct' "
+        "(docs/prediction-log.md); needs gateway.prediction_log = kafka.",
+    )
 
 
 class Settings(BaseSettings):
@@ -168,3 +174,11 @@ class Settings(BaseSettings):
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+
+    def kafka_bootstrap(self) -> str:
+        """The prediction log's brokers: ``gateway.kafka_bootstrap``, else the local stack's."""
+        return self.gateway.kafka_bootstrap or self.kafka.bootstrap
+
+    def spool_root(self) -> Path:
+        """Where prediction-log spools live: ``gateway.spool_dir``, else ``<state_dir>/spool``."""
+        return self.gateway.spool_dir or self.state_dir / "spool"

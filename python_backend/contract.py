@@ -44,6 +44,15 @@ OUTPUTS = (
 )
 
 
+#: Triton request parameter naming who records a request in the prediction log. Absent: the
+#: pipeline's postprocess step logs it (a direct Triton client). ``gateway``: the caller logs it
+#: (the gateway's doors log what they serve, fallbacks included). ``probe``: a health or smoke
+#: check, not a prediction, never logged.
+LOGGED_BY = "rtinfer_logged_by"
+LOGGED_BY_GATEWAY = "gateway"
+LOGGED_BY_PROBE = "probe"
+
+
 def context_vector(context: Mapping[str, float]) -> list[float]:
     """Request context in model order; a missing feature is sent as NaN (imputed in Triton)."""
     unknown = set(context) - set(CONTEXT_FEATURES)

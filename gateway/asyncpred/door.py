@@ -41,7 +41,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.metrics import GatewayMetrics
-from gateway.serving.core import kafka_bootstrap, result_store_url
+from gateway.serving.core import result_store_url
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class AsyncPredictDoor:
     def _jobs(self) -> ConfirmedProducer:
         if self._producer is None:
             self._producer = ConfirmedProducer(
-                kafka_bootstrap(self._settings),
+                self._settings.kafka_bootstrap(),
                 client_id="rtinfer-async-enqueue",
                 timeout_s=self._config.enqueue_timeout_s,
             )

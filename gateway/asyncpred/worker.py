@@ -43,7 +43,7 @@ from gateway.asyncpred.offsets import CommitTracker, Partition, Ticket
 from gateway.asyncpred.results import ResultStore
 from gateway.logs import configure_logging
 from gateway.metrics import GatewayMetrics
-from gateway.serving.core import kafka_bootstrap, open_serving_core, result_store_url
+from gateway.serving.core import open_serving_core, result_store_url
 from gateway.serving.health import HealthTracker
 from gateway.settings import Settings
 
@@ -57,7 +57,7 @@ CALLBACK_SECRET_FILE = "callback-secret"
 def consumer_config(settings: Settings) -> dict[str, Any]:
     cfg = settings.gateway.async_predict
     return {
-        "bootstrap.servers": kafka_bootstrap(settings),
+        "bootstrap.servers": settings.kafka_bootstrap(),
         "group.id": cfg.consumer_group,
         "client.id": f"rtinfer-async-worker-{os.getpid()}",
         "enable.auto.commit": False,
@@ -276,7 +276,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     ) as core:
         store = ResultStore.from_url(result_store_url(settings), cfg.result_ttl_s)
         dead_letters = ConfirmedProducer(
-            kafka_bootstrap(settings),
+            settings.kafka_bootstrap(),
             client_id="rtinfer-async-dlq",
             timeout_s=max(5.0, cfg.enqueue_timeout_s),
         )
@@ -296,7 +296,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             concurrency=cfg.concurrency,
             runner=runner,
             metrics=metrics,
-            lag=LagReader(kafka_bootstrap(settings), cfg.consumer_group),
+            lag=LagReader(settings.kafka_bootstrap(), cfg.consumer_group),
             lag_refresh_s=cfg.lag_refresh_s,
             shutdown_grace_s=cfg.shutdown_grace_s,
         )

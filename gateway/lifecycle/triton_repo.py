@@ -31,7 +31,7 @@ from gateway.lifecycle.errors import (
     VersionNotReady,
 )
 from gateway.repository.configs import set_version_policy
-from python_backend.contract import decode, ensemble_inputs
+from python_backend.contract import LOGGED_BY, LOGGED_BY_PROBE, decode, ensemble_inputs
 
 READY = "READY"
 UNLOADING = "UNLOADING"
@@ -220,6 +220,7 @@ class TritonRepository:
                     grpcclient.InferRequestedOutput("prediction"),
                     grpcclient.InferRequestedOutput("label"),
                 ],
+                parameters={LOGGED_BY: LOGGED_BY_PROBE},  # a smoke test, not a prediction
                 client_timeout=self.call_timeout_s,
             )
         except InferenceServerException as exc:
@@ -237,6 +238,7 @@ class TritonRepository:
                 model,
                 inputs,
                 model_version=str(version) if version is not None else "",
+                parameters={LOGGED_BY: LOGGED_BY_PROBE},
                 client_timeout=timeout_s,
             )
         except InferenceServerException as exc:

@@ -19,6 +19,7 @@ from gateway.repository.layout import (
     TrainedModel,
 )
 from gateway.settings import Settings, Target
+from python_backend.contract import CONTEXT, CONTEXT_FEATURES, MERCHANT_ID, USER_ID
 from python_backend.feature_spec import (
     FEATURE_SPEC_FILE,
     FeatureSpec,
@@ -175,13 +176,37 @@ def class_prior_fallback(
     }
 
 
+def direct_log_params(
+    name: str, endpoint: str, scorers: list[TrainedModel], settings: Settings
+) -> dict[str, object]:
+    """Where postprocess ``name`` logs direct clients' predictions (docs/prediction-log.md);
+    an empty bootstrap turns that off."""
+    on = settings.postprocess.log_direct and settings.gateway.prediction_log == "kafka"
+    version = (
+        str(scorers[0].version)
+        if len(scorers) == 1
+        else "+".join(f"{s.name}:{s.version}" for s in scorers)
+    )
+    return {
+        "prediction_log_bootstrap": settings.kafka_bootstrap() if on else "",
+        "prediction_log_spool_dir": settings.spool_root().resolve() / "triton" / name,
+        "prediction_log_linger_ms": settings.gateway.prediction_log_linger_ms,
+        "log_model_name": endpoint.split(PINNED_SEPARATOR)[0].removesuffix("_pipeline"),
+        "log_model_version": version,
+        "serving_endpoint": endpoint,
+    }
+
+
 def postprocess_config(
     name: str,
     scorers: list[TrainedModel],
     fallback: TrainedModel | None,
     settings: Settings,
+    *,
+    endpoint: str,
 ) -> mc.ModelConfig:
-    """Label/confidence from the scorer(s); fallback scoring when features are unavailable."""
+    """Label/confidence from the scorer(s); fallback scoring when features are unavailable;
+    the predictions of direct clients of ensemble ``endpoint`` go to the prediction log."""
     spec = scorers[0].spec
     if fallback is not None:
         missing = [n for n in fallback.spec.names if n not in spec.names]
@@ -195,6 +220,10 @@ def postprocess_config(
     config.input.add(**_tensor("probabilities", mc.TYPE_FP32, [2]))
     config.input.add(**_tensor("feature_store_ok", mc.TYPE_BOOL, [1]))
     config.input.add(**_tensor("features", mc.TYPE_FP32, [spec.n_features]))
+    # the request as sent, for the log records of direct clients
+    config.input.add(**_tensor(USER_ID, mc.TYPE_STRING, [1]))
+    config.input.add(**_tensor(MERCHANT_ID, mc.TYPE_STRING, [1]))
+    config.input.add(**_tensor(CONTEXT, mc.TYPE_FP32, [len(CONTEXT_FEATURES)]))
     for out, dtype in (
         ("prediction", mc.TYPE_FP32),
         ("label", mc.TYPE_STRING),
@@ -214,6 +243,7 @@ def postprocess_config(
             "fallback_output": fallback.metadata.output_name if fallback is not None else "",
             "fallback_feature_indices": ",".join(map(str, indices)),
             "fallback_timeout_ms": settings.postprocess.fallback_timeout_ms,
+            **direct_log_params(name, endpoint, scorers, settings),
         },
     )
     return config

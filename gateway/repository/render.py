@@ -66,7 +66,9 @@ def write_pinned_pipeline(
     trained = TrainedModel.load(repository, model, version)
     post, ens = pinned_name(pipe.postprocess, version), pinned_name(pipe.ensemble, version)
     fallback = _fallback(repository, settings)
-    write_config(repository / post, postprocess_config(post, [trained], fallback, settings))
+    write_config(
+        repository / post, postprocess_config(post, [trained], fallback, settings, endpoint=ens)
+    )
     _place_shell(repository / post / "1", "postprocess")
     config = ensemble_config(
         pipe.ensemble,
@@ -111,7 +113,10 @@ def write_pipelines(
             continue
         scorers = [champions[s] for s in pipe.scorers]
         post_dir = repository / pipe.postprocess
-        write_config(post_dir, postprocess_config(pipe.postprocess, scorers, fallback, settings))
+        config = postprocess_config(
+            pipe.postprocess, scorers, fallback, settings, endpoint=pipe.ensemble
+        )
+        write_config(post_dir, config)
         _place_shell(post_dir / "1", "postprocess")
         pins = {s.name: s.version for s in scorers}
         write_config(repository / pipe.ensemble, ensemble_config(pipe.ensemble, settings, pins))

@@ -44,11 +44,6 @@ class ServingCore:
     service: PredictionService
 
 
-def kafka_bootstrap(settings: Settings) -> str:
-    """``gateway.kafka_bootstrap``, else the local stack's broker."""
-    return settings.gateway.kafka_bootstrap or settings.kafka.bootstrap
-
-
 def result_store_url(settings: Settings) -> str:
     """Async results: ``async_predict.redis_url``, else the gateway's Redis, else the stack's."""
     gw = settings.gateway
@@ -80,10 +75,9 @@ def open_prediction_log(
     gw = settings.gateway
     if gw.prediction_log == "discard":
         return DiscardPredictionLog()
-    bootstrap = kafka_bootstrap(settings)
-    root = gw.spool_dir or settings.state_dir / "spool"
+    bootstrap = settings.kafka_bootstrap()
     return open_in_free_slot(
-        root,
+        settings.spool_root(),
         "slot",
         lambda slot: KafkaPredictionLog(
             bootstrap,

@@ -61,7 +61,14 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.serving.endpoint_guard import EndpointGuard
-from python_backend.contract import CONTEXT_FEATURES, OUTPUTS, ensemble_inputs
+from python_backend.contract import (
+    CONTEXT_FEATURES,
+    LOGGED_BY,
+    LOGGED_BY_GATEWAY,
+    LOGGED_BY_PROBE,
+    OUTPUTS,
+    ensemble_inputs,
+)
 
 #: entity ids of guard and health probes (never logged; unknown entities get defaults)
 PROBE_ENTITY = "__rtinfer_probe__"
@@ -174,7 +181,7 @@ class TritonClient:
             time.monotonic() + timeout_s,
             loop.create_future(),
         )
-        (result,) = await self._infer_rows(endpoint, [row], grace_s=0.0)
+        (result,) = await self._infer_rows(endpoint, [row], grace_s=0.0, logged_by=LOGGED_BY_PROBE)
         return result
 
     async def infer(
@@ -263,10 +270,15 @@ class TritonClient:
             self._dispatch(endpoint, lane)
 
     async def _infer_rows(
-        self, endpoint: str, rows: list[_Row], grace_s: float | None = None
+        self,
+        endpoint: str,
+        rows: list[_Row],
+        grace_s: float | None = None,
+        logged_by: str = LOGGED_BY_GATEWAY,
     ) -> list[InferenceResult]:
         """One Triton request for ``rows``: Triton's ``timeout`` is the latest row deadline,
-        the gRPC deadline ``grace_s`` (default ``call_grace_s``) later."""
+        the gRPC deadline ``grace_s`` (default ``call_grace_s``) later. ``logged_by`` tells the
+        pipeline who logs the rows (the gateway's doors do; probes are not predictions)."""
         inputs = ensemble_inputs(
             grpcclient,
             [r.user_id for r in rows],
@@ -286,6 +298,7 @@ class TritonClient:
                 inputs,
                 outputs=self._requested,
                 request_id=request_id,
+                parameters={LOGGED_BY: logged_by},
                 timeout=max(1, int(budget_s * 1e6)),
                 client_timeout=budget_s + (self._call_grace_s if grace_s is None else grace_s),
             )
@@ -299,25 +312,7 @@ class TritonClient:
                     time.perf_counter() - started
                 )
                 self._metrics.triton_batch_rows.labels(endpoint).observe(len(rows))
-        prediction = result.as_numpy("prediction")
-        label = result.as_numpy("label")
-        confidence = result.as_numpy("confidence")
-        degraded = result.as_numpy("degraded")
-        reason = result.as_numpy("degraded_reason")
-        imputed = result.as_numpy("imputed_count")
-        features = result.as_numpy("features")
-        return [
-            InferenceResult(
-                prediction=float(prediction[i][0]),
-                label=_text(label[i][0]),
-                confidence=float(confidence[i][0]),
-                degraded=bool(degraded[i][0]),
-                degraded_reason=_text(reason[i][0]),
-                imputed_count=int(imputed[i][0]),
-                features=features[i].tolist(),
-            )
-            for i in range(len(rows))
-        ]
+        return _results(result, len(rows))
 
     async def is_server_ready(self, timeout_s: float) -> bool:
         try:
@@ -363,6 +358,29 @@ class TritonClient:
         if status.endswith("UNAVAILABLE"):
             return UpstreamUnavailable(f"{where} unavailable: {text}")
         return UpstreamError(f"{where} failed ({status or 'no status'}): {text}")
+
+
+def _results(result: grpcclient.InferResult, n: int) -> list[InferenceResult]:
+    """The ``n`` rows of an ensemble response."""
+    prediction = result.as_numpy("prediction")
+    label = result.as_numpy("label")
+    confidence = result.as_numpy("confidence")
+    degraded = result.as_numpy("degraded")
+    reason = result.as_numpy("degraded_reason")
+    imputed = result.as_numpy("imputed_count")
+    features = result.as_numpy("features")
+    return [
+        InferenceResult(
+            prediction=float(prediction[i][0]),
+            label=_text(label[i][0]),
+            confidence=float(confidence[i][0]),
+            degraded=bool(degraded[i][0]),
+            degraded_reason=_text(reason[i][0]),
+            imputed_count=int(imputed[i][0]),
+            features=features[i].tolist(),
+        )
+        for i in range(n)
+    ]
 
 
 def _text(value: object) -> str:

@@ -224,3 +224,52 @@ def test_class_prior_fallback_comes_from_the_answering_versions_training_stats(
     assert blend is not None and set(blend["versions"]) == {"fraud_xgb", "fraud_nn"}  # type: ignore[arg-type]
     for unknown in ("other_pipeline", "fraud_blend_pipeline__v2", "fraud_xgb_pipeline__vx"):
         assert class_prior_fallback(repo, unknown, Settings()) is None
+
+
+def _params(repo: Path, model: str) -> dict[str, str]:
+    return {k: v.string_value for k, v in _parse(repo / model / "config.pbtxt").parameters.items()}
+
+
+def test_postprocess_logs_direct_clients_with_the_pipelines_identity(
+    repo: Path, tmp_path: Path
+) -> None:
+    _with_threshold(repo, "fraud_xgb", 2, 0.4)
+    Serving(1, (1, 2), (2,)).save(repo, "fraud_xgb")
+    settings = Settings(state_dir=tmp_path / "state")
+    settings.kafka.port = 19093
+    render_repository(repo, settings, "cpu")
+    xgb = _params(repo, "fraud_xgb_postprocess")
+    assert xgb["prediction_log_bootstrap"] == "127.0.0.1:19093"
+    assert xgb["prediction_log_spool_dir"] == str(
+        (tmp_path / "state" / "spool" / "triton" / "fraud_xgb_postprocess").resolve()
+    )
+    assert (xgb["log_model_name"], xgb["log_model_version"]) == ("fraud_xgb", "1")
+    assert xgb["serving_endpoint"] == "fraud_xgb_pipeline"
+    blend = _params(repo, "fraud_blend_postprocess")
+    assert (blend["log_model_name"], blend["log_model_version"]) == (
+        "fraud_blend",
+        "fraud_xgb:1+fraud_nn:1",
+    )
+    pinned = _params(repo, pinned_name("fraud_xgb_postprocess", 2))
+    assert (pinned["log_model_name"], pinned["log_model_version"]) == ("fraud_xgb", "2")
+    assert pinned["serving_endpoint"] == pinned_name("fraud_xgb_pipeline", 2)
+    # the request as sent reaches the postprocess step of every pipeline
+    for pipe in PIPELINES:
+        (step,) = [
+            s
+            for s in _parse(repo / pipe.ensemble / "config.pbtxt").ensemble_scheduling.step
+            if s.model_name == pipe.postprocess
+        ]
+        assert {"user_id", "merchant_id", "context"} <= set(step.input_map)
+
+
+@pytest.mark.parametrize("off", ["log_direct", "discard"])
+def test_direct_logging_can_be_turned_off(repo: Path, off: str) -> None:
+    settings = Settings()
+    if off == "log_direct":
+        settings.postprocess.log_direct = False
+    else:
+        settings.gateway.prediction_log = "discard"
+    render_repository(repo, settings, "cpu")
+    for pipe in PIPELINES:
+        assert _params(repo, pipe.postprocess)["prediction_log_bootstrap"] == ""

@@ -177,6 +177,10 @@ def resolve_settings(settings: Settings) -> tuple[Settings, set[str], TritonPort
         kafka = settings.kafka
         kafka.port = resolve_port(kafka.port, kafka.host, taken)
         kafka.controller_port = resolve_port(kafka.controller_port, kafka.host, taken)
+    elif settings.postprocess.log_direct and not settings.gateway.kafka_bootstrap:
+        # no broker to log to: Triton's direct clients go unlogged (said once, at start)
+        log.warning("kafka is not started: predictions of direct Triton clients are not logged")
+        settings.postprocess.log_direct = False
     if "mlflow" in wanted:
         settings.mlflow.port = resolve_port(settings.mlflow.port, settings.mlflow.host, taken)
     if "gateway" in wanted:

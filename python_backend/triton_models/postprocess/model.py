@@ -19,6 +19,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from python_backend.direct_log import (
+    DirectLog,
+    DirectRequest,
+    logged_elsewhere,
+    open_direct_log,
+    parameters_of,
+)
 from python_backend.metrics import CounterBuffer
 from python_backend.postprocess import (
     FallbackScores,
@@ -145,6 +152,33 @@ def _invalid(message: str) -> Any:
     )
 
 
+#: model parameters of the direct-client prediction log (written by `rtinfer models build`)
+DIRECT_LOG_PARAMS = (
+    "prediction_log_bootstrap",
+    "prediction_log_spool_dir",
+    "prediction_log_linger_ms",
+    "log_model_name",
+    "log_model_version",
+    "serving_endpoint",
+)
+
+
+def _optional_input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _direct_request(request: Any, offset: int, rows: int) -> DirectRequest:
+    return DirectRequest(
+        request_id=request.request_id(),
+        offset=offset,
+        rows=rows,
+        user_ids=_optional_input(request, "user_id"),
+        merchant_ids=_optional_input(request, "merchant_id"),
+        context=_optional_input(request, "context"),
+    )
+
+
 def _column(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values).reshape(-1, 1)
 
@@ -186,6 +220,10 @@ class TritonPythonModel:
             reasons.append(f"feature_store_unavailable:{fallback_model}")
         self._metrics = _Metrics(
             labels, class_names, reasons, param_float(config, "metrics_interval_s", 1.0)
+        )
+        self._direct: DirectLog | None = open_direct_log(
+            {k: get_param(config, k) or "" for k in DIRECT_LOG_PARAMS},
+            args["model_instance_name"],
         )
         logger.info(
             "postprocess ready: threshold %s, classes %s, fallback %s",
@@ -232,7 +270,30 @@ class TritonPythonModel:
             self._metrics.record(out, before, self._post.stats)
         except Exception:
             logger.exception("publishing postprocess metrics failed")
+        if self._direct is not None:
+            self._log_direct(requests, batch, feats, out)
         return responses
+
+    def _log_direct(
+        self,
+        requests: list[Any],
+        batch: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]],
+        feats: np.ndarray,
+        out: PostprocessOutput,
+    ) -> None:
+        """Log the rows of the batch's direct-client requests (never fails the batch)."""
+        assert self._direct is not None
+        try:
+            direct: list[DirectRequest] = []
+            offset = 0
+            for i, inputs in batch:
+                request, rows = requests[i], len(inputs[0])
+                if not logged_elsewhere(parameters_of(request.parameters())):
+                    direct.append(_direct_request(request, offset, rows))
+                offset += rows
+            self._direct.log(direct, feats, out)
+        except Exception:
+            logger.exception("logging direct predictions failed")
 
     async def _fallback_scores(
         self, feats: np.ndarray, ok: np.ndarray, requests: list[Any]
@@ -263,4 +324,6 @@ class TritonPythonModel:
             self._metrics.publish()
         except Exception:
             logger.exception("publishing postprocess metrics failed")
+        if self._direct is not None:
+            self._direct.close()
         logger.info("postprocess unloading")
