@@ -40,6 +40,12 @@ class TritonSettings(BaseModel):
     latency_summaries: bool = Field(
         False, description="Per-model p50..p99.9 latency summaries on /metrics (costs CPU)."
     )
+    malloc: Path | None = Field(
+        Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+        description="Allocator preloaded into tritonserver and its stubs (LD_PRELOAD), as "
+        "Triton's docs advise: glibc malloc took a fifth of the server's CPU here "
+        "(docs/benchmarks.md). Skipped when the file is missing; None: glibc.",
+    )
 
 
 class RedisSettings(BaseModel):

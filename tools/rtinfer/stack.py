@@ -275,6 +275,7 @@ class _Starter:
             exit_timeout_s=t.exit_timeout_s,
             latency_summaries=t.latency_summaries,
             launch=self.supervisor.add,
+            malloc=t.malloc,
         )
         self.add("triton", proc)
 

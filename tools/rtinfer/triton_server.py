@@ -153,8 +153,12 @@ def triton_argv(
     return argv
 
 
-def triton_env() -> dict[str, str]:
+def triton_env(malloc: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if malloc is not None and malloc.is_file():
+        env["LD_PRELOAD"] = os.pathsep.join(p for p in (str(malloc), env.get("LD_PRELOAD")) if p)
+    elif malloc is not None:
+        log.info("allocator %s not found: tritonserver runs on glibc malloc", malloc)
     env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     # the server finds its libraries through its rpath; the stub (a separate binary) does not
     libs = pytriton_server_dir().parent.parent / "nvidia_pytriton.libs"
@@ -181,6 +185,7 @@ def triton_program(
     log_verbose: int = 0,
     exit_timeout_s: int = 10,
     latency_summaries: bool = False,
+    malloc: Path | None = None,
 ) -> ProgramSpec:
     """Triton serving what ``repository`` renders (re-read at every start)."""
     check_stub_python()
@@ -202,7 +207,7 @@ def triton_program(
         "triton",
         argv,
         state_dir / "triton.log",
-        env=triton_env(),
+        env=triton_env(malloc),
         stop_timeout_s=exit_timeout_s + 10,
         start_secs=2.0,
         signal_group=False,  # tritonserver finalizes its stubs; SIGTERM to them races that
@@ -219,6 +224,7 @@ def start_triton(
     exit_timeout_s: int = 10,
     latency_summaries: bool = False,
     launch: Launch = spawn_program,
+    malloc: Path | None = None,
 ) -> Process:
     """Start Triton serving ``models`` (explicit mode) and wait until each one is READY."""
     spec = triton_program(
@@ -228,6 +234,7 @@ def start_triton(
         log_verbose=log_verbose,
         exit_timeout_s=exit_timeout_s,
         latency_summaries=latency_summaries,
+        malloc=malloc,
     )
     proc = launch(spec)
     try:
