@@ -1,7 +1,9 @@
 """Triton python-backend shell of the postprocess step (threshold, label, fallback).
 
-Inputs ``probabilities`` (FP32 [rows, 2]), ``feature_store_ok`` (BOOL [rows, 1]) and
-``features`` (FP32 [rows, n_features]); outputs ``prediction``, ``label``, ``confidence``,
+Inputs ``probabilities`` (FP32 [rows, 2]), ``feature_store_ok`` (BOOL [rows, 1]),
+``features`` (FP32 [rows, n_features]) and the request as sent (``user_id``, ``merchant_id``,
+``context``, for the log records of direct clients: :mod:`python_backend.direct_log`); outputs
+``prediction``, ``label``, ``confidence``,
 ``degraded`` and ``degraded_reason`` ([rows, 1] each). Rows scored without online features are
 re-scored by a BLS call to the ``fallback_model`` (one call per batch), awaited for at most the
 tightest remaining budget among the batch's requests (their Triton ``timeout``) and never
@@ -11,7 +13,7 @@ longer than ``fallback_timeout_ms``; past that the class prior answers. The logi
 
 from __future__ import annotations
 
-import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 from typing import Any
@@ -50,15 +52,22 @@ class FallbackError(RuntimeError):
 
 
 class BlsFallback:
-    """Scores rows with another Triton model through an async BLS request."""
+    """Scores rows with another Triton model through a BLS request, waited for at most the
+    batch's budget. The call runs on a helper thread, so ``execute`` stays synchronous: an
+    ``async def execute`` costs every batch a hop through the stub's event loop thread
+    (docs/benchmarks.md), while degraded batches, the only callers, are rare."""
 
     def __init__(self, model_name: str, input_name: str, output_name: str, timeout_ms: int) -> None:
         self.model_name = model_name
         self._input = input_name
         self._output = output_name
         self.cap_us = max(timeout_ms, 0) * 1000
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fallback")
 
-    async def score(self, x: np.ndarray, budget_us: int) -> np.ndarray:
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    def score(self, x: np.ndarray, budget_us: int) -> np.ndarray:
         """Probabilities for ``x``, or an exception once ``budget_us`` has passed."""
         request = pb_utils.InferenceRequest(
             model_name=self.model_name,
@@ -66,8 +75,9 @@ class BlsFallback:
             inputs=[pb_utils.Tensor(self._input, np.ascontiguousarray(x, dtype=np.float32))],
             timeout=budget_us,
         )
-        pending = request.async_exec()
-        response = await (asyncio.wait_for(pending, budget_us / 1e6) if budget_us else pending)
+        pending = self._thread.submit(request.exec)
+        # past the budget the call is abandoned (Triton still times it out by ``timeout``)
+        response = pending.result(budget_us / 1e6 if budget_us else None)
         if response.has_error():
             raise FallbackError(f"{self.model_name}: {response.error().message()}")
         output = pb_utils.get_output_tensor_by_name(response, self._output)
@@ -232,7 +242,7 @@ class TritonPythonModel:
             fallback_model or "class prior",
         )
 
-    async def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         batch: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
         for i, request in enumerate(requests):
@@ -245,7 +255,7 @@ class TritonPythonModel:
         probs, ok, feats = (np.concatenate([b[1][j] for b in batch]) for j in range(3))
         before = dataclasses.replace(self._post.stats)
         try:
-            scores = await self._fallback_scores(feats, ok, [requests[i] for i, _ in batch])
+            scores = self._fallback_scores(feats, ok, [requests[i] for i, _ in batch])
             out = self._post.process(probs, ok, feats, self._fallback_indices, scores)
         except Exception as exc:
             logger.exception("postprocess failed for a batch of %d requests", len(batch))
@@ -295,7 +305,7 @@ class TritonPythonModel:
         except Exception:
             logger.exception("logging direct predictions failed")
 
-    async def _fallback_scores(
+    def _fallback_scores(
         self, feats: np.ndarray, ok: np.ndarray, requests: list[Any]
     ) -> FallbackScores | None:
         """Run the BLS fallback for the degraded rows within the batch's budget."""
@@ -305,7 +315,7 @@ class TritonPythonModel:
         budget_us = fallback_budget_us(self._fallback.cap_us, [r.timeout() for r in requests])
         self._metrics.budget_us = budget_us
         try:
-            return await self._fallback.score(x, budget_us)
+            return self._fallback.score(x, budget_us)
         except Exception as exc:  # served the class prior instead; counted as a fallback error
             return exc
 
@@ -326,4 +336,6 @@ class TritonPythonModel:
             logger.exception("publishing postprocess metrics failed")
         if self._direct is not None:
             self._direct.close()
+        if self._fallback is not None:
+            self._fallback.close()
         logger.info("postprocess unloading")
