@@ -87,15 +87,25 @@ def _column_text(values: np.ndarray | None, i: int) -> str | None:
     return None if values is None else _text(values.reshape(-1)[i])
 
 
-def _context(values: np.ndarray | None, i: int) -> dict[str, float | None]:
-    if values is None:
-        return {}
-    # the shortest decimal of each float32 (0.2, not 0.20000000298), as the client wrote it
-    row = np.asarray(values, dtype=np.float32).reshape(len(values), -1)[i]
-    return {
-        name: (float(str(v)) if math.isfinite(v) else None)
-        for name, v in zip(CONTEXT_FEATURES, row, strict=False)
-    }
+def _contexts(requests: Sequence[DirectRequest]) -> list[list[dict[str, float | None]]]:
+    """Per request, each row's context by name: the float32 values Triton received, exactly
+    (0.2 arrives as 0.20000000298023224); NaN (not sent, imputed) as ``None``."""
+    made = []
+    for r in requests:
+        if r.context is None:
+            made.append([{} for _ in range(r.rows)])
+            continue
+        rows = np.asarray(r.context, np.float32).reshape(r.rows, -1).tolist()
+        made.append(
+            [
+                {
+                    name: (v if math.isfinite(v) else None)
+                    for name, v in zip(CONTEXT_FEATURES, row, strict=False)
+                }
+                for row in rows
+            ]
+        )
+    return made
 
 
 class DirectLog:
@@ -118,7 +128,7 @@ class DirectLog:
         ident = self._identity
         now = time.time() if timestamp is None else timestamp
         made: list[dict[str, Any]] = []
-        for req in requests:
+        for req, contexts in zip(requests, _contexts(requests), strict=True):
             for i, rid in enumerate(row_request_ids(req.request_id, req.rows)):
                 row = req.offset + i
                 reason = _text(out.degraded_reason[row])
@@ -135,7 +145,7 @@ class DirectLog:
                             "user_id": _column_text(req.user_ids, i),
                             "merchant_id": _column_text(req.merchant_ids, i),
                         },
-                        "context": _context(req.context, i),
+                        "context": contexts[i],
                         "feature_overrides": {},
                         "features": features[row],
                         "prediction": float(out.prediction[row]),
@@ -156,8 +166,12 @@ class DirectLog:
         if not requests:
             return 0
         records = self.records(requests, features, out)
-        for record in records:
-            self._sink.log(record)
+        log_many = getattr(self._sink, "log_many", None)
+        if log_many is not None:  # one journal write for the batch
+            log_many(records)
+        else:
+            for record in records:
+                self._sink.log(record)
         self.logged += len(records)
         return len(records)
 

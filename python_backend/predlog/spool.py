@@ -172,36 +172,51 @@ class Spool:
     def append(self, payload: bytes) -> SpoolEntry:
         """Store one record (a single line of bytes, no newline); return its position
         (``payload`` left empty), which :meth:`ack` takes."""
-        line = _encode(payload)
+        (entry,) = self.append_many([payload])
+        return entry
+
+    def append_many(self, payloads: list[bytes]) -> list[SpoolEntry]:
+        """Store records in order with one ``write(2)`` (while they fit the active segment);
+        their positions, as :meth:`append` returns them. All or none are stored."""
+        lines = [_encode(p) for p in payloads]
         with self._lock:
             self._check_open()
             total = sum(self._sizes.values())
-            if total + len(line) > self.max_bytes:
+            size_of_all = sum(map(len, lines))
+            if total + size_of_all > self.max_bytes:
                 raise SpoolFullError(
                     f"spool {self.directory} is full ({total} of {self.max_bytes} bytes); "
-                    f"record of {len(line)} bytes refused"
+                    f"{len(lines)} records of {size_of_all} bytes refused"
                 )
-            if self._sizes[self._active] + len(line) > self.segment_bytes:
+            if self._sizes[self._active] + size_of_all > self.segment_bytes:
                 self._rotate()
             size = self._sizes[self._active]
-            try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    raise OSError(f"short write ({written} of {len(line)} bytes)")
-            except OSError as exc:
-                with contextlib.suppress(OSError):  # do not leave half a line behind
-                    os.ftruncate(self._fd, size)
-                raise SpoolError(f"writing to spool {self.directory} failed: {exc}") from exc
-            self._sizes[self._active] = size + len(line)
-            entry = SpoolEntry(b"", self._active, size + len(line), self._next_ordinal)
-            self._next_ordinal += 1
-            self._unsynced += 1
+            self._write(b"".join(lines), size)
+            entries = []
+            for line in lines:
+                size += len(line)
+                entries.append(SpoolEntry(b"", self._active, size, self._next_ordinal))
+                self._next_ordinal += 1
+            self._sizes[self._active] = size
+            self._unsynced += len(lines)
             if self.durable and (
                 self._unsynced >= self.fsync_every
                 or time.monotonic() - self._last_sync >= self.fsync_interval_s
             ):
                 self._sync()
-            return entry
+            return entries
+
+    def _write(self, data: bytes, size: int) -> None:
+        """Append ``data`` to the active segment, which holds ``size`` bytes; on failure
+        leave no partial line behind."""
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            raise SpoolError(f"writing to spool {self.directory} failed: {exc}") from exc
 
     def sync_if_due(self) -> None:
         """``fsync`` if records are unsynced and ``fsync_interval_s`` has passed."""

@@ -143,7 +143,8 @@ async def test_each_door_logs_a_prediction_once(
     assert (record["model_name"], record["model_version"]) == ("fraud_xgb", "1")
     assert record["serving_endpoint"] == "fraud_xgb_pipeline"
     assert record["entity_ids"] == {"user_id": "u_000001", "merchant_id": "m_00001"}
-    assert record["context"] == dict(zip(CONTEXT_FEATURES, map(float, CONTEXT_ROW), strict=True))
+    sent = np.float32(CONTEXT_ROW).tolist()  # the float32 values Triton received
+    assert record["context"] == dict(zip(CONTEXT_FEATURES, sent, strict=True))
     assert record["prediction"] == pytest.approx(float(served.as_numpy("prediction")[0][0]))
     assert record["label"] == served.as_numpy("label")[0][0].decode()
     assert record["features"] == pytest.approx(served.as_numpy("features")[0].tolist())

@@ -71,7 +71,7 @@ def test_rows_of_direct_requests_become_records_at_their_offsets() -> None:
     assert (first["model_name"], first["model_version"]) == ("fraud_xgb", "3")
     assert first["serving_endpoint"] == "fraud_xgb_pipeline__v3"
     assert first["degraded_reason"] is None
-    assert first["context"]["amount"] == 0.2  # float32's shortest decimal, not 0.20000000298
+    assert first["context"]["amount"] == float(np.float32(0.2))  # what Triton received
     assert first["context"]["hour_of_day"] is None  # NaN: not sent, imputed
     assert (last["degraded"], last["degraded_reason"]) == (True, "feature_store_unavailable:x")
     assert last["label"] == "fraud"

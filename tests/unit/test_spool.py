@@ -179,3 +179,40 @@ def test_fsync_every_n_records_and_on_interval(
         assert len(synced) == 3
         spool.sync_if_due()
         assert len(synced) == 3  # nothing new to sync
+
+
+def test_append_many_stores_a_batch_in_order_with_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real_write = spool_module.os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        writes.append(len(data))
+        return real_write(fd, data)
+
+    with Spool(tmp_path) as spool:
+        spool.append(rec(0))
+        monkeypatch.setattr(spool_module.os, "write", counting_write)
+        entries = spool.append_many([rec(i) for i in range(1, 6)])
+        monkeypatch.undo()
+        assert len(writes) == 1
+        assert [e.ordinal for e in entries] == [1, 2, 3, 4, 5]
+        assert payloads(spool) == [rec(i) for i in range(6)]
+        spool.ack(entries[2])  # through rec(3)
+        assert payloads(spool) == [rec(4), rec(5)]
+    with Spool(tmp_path) as reopened:
+        assert payloads(reopened) == [rec(4), rec(5)]
+
+
+def test_append_many_stores_all_or_none(tmp_path: Path) -> None:
+    line_bytes = len(rec(0)) + 10
+    with Spool(tmp_path, max_bytes=3 * line_bytes) as spool:
+        spool.append(rec(0))
+        with pytest.raises(SpoolFullError):
+            spool.append_many([rec(1), rec(2), rec(3)])
+        with pytest.raises(ValueError, match="newline"):
+            spool.append_many([rec(1), b"two\nlines"])
+        assert payloads(spool) == [rec(0)]
+        spool.append_many([rec(1), rec(2)])
+        assert payloads(spool) == [rec(0), rec(1), rec(2)]
