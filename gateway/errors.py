@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -202,8 +202,9 @@ def error_response(err: GatewayError, request_id: str | None = None) -> Response
 
 def install_error_handler(
     app: FastAPI, on_error: Callable[[GatewayError], None] | None = None
-) -> None:
-    """Render every exception (typed, validation, routing, unexpected) the same way."""
+) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """Render every exception (typed, validation, routing, unexpected) the same way; the
+    handler is returned for ASGI layers in front of the app's routing."""
 
     async def handle(request: Request, exc: Exception) -> Response:
         err = as_gateway_error(exc)
@@ -238,3 +239,4 @@ def install_error_handler(
 
     for exc_type in (GatewayError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(exc_type, handle)
+    return handle

@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, install_error_handler
 from gateway.http import async_predict, health, lifecycle, models, predict
 from gateway.http.context import Runtime, install_metrics
 from gateway.http.deps import GatewayDeps
+from gateway.http.fast_predict import FastPredict
 from gateway.http.ingress import IngressMiddleware
 from gateway.lifecycle.deployer import open_deployer
 from gateway.metrics import GatewayMetrics
@@ -173,8 +174,9 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     )
     install_metrics(app, metrics)
     install_auth(app, metrics, authenticate)
-    install_error_handler(app, count_error)
-    app.add_middleware(
+    render_error = install_error_handler(app, count_error)
+    app.add_middleware(FastPredict, render_error=render_error)
+    app.add_middleware(  # outermost: the body limit applies to the fast path too
         IngressMiddleware, max_body_bytes=settings.gateway.max_body_bytes, on_error=count_error
     )
     for router in ROUTERS:

@@ -45,6 +45,15 @@ def request_id_of(request: Request, body_request_id: str | None) -> str:
     "with a fallback_config answers 200 with its fallback (degraded) instead of 503/504.",
 )
 async def predict(model_name: str, body: PredictRequest, request: Request) -> Response:
+    result, headers = await serve_prediction(request, model_name, body)
+    return OrjsonResponse(result.model_dump(), headers=headers)
+
+
+async def serve_prediction(
+    request: Request, model_name: str, body: PredictRequest
+) -> tuple[PredictResponse, dict[str, str]]:
+    """The route's work once the caller is authenticated: the prediction and its headers
+    (also served by :mod:`gateway.http.fast_predict`)."""
     request_id = request_id_of(request, body.request_id)
     result = await runtime(request).service.predict(
         model_name,
@@ -55,4 +64,4 @@ async def predict(model_name: str, body: PredictRequest, request: Request) -> Re
     headers = {REQUEST_ID_HEADER: request_id}
     if result.degraded:
         headers[DEGRADED_HEADER] = "true"
-    return OrjsonResponse(result.model_dump(), headers=headers)
+    return result, headers

@@ -23,6 +23,24 @@ def feature_hash(features: Sequence[float] | np.ndarray) -> str:
     return hashlib.sha256(np.asarray(features, dtype="<f4").tobytes()).hexdigest()
 
 
+def topic_and_key(
+    record: Mapping[str, Any], topic: str, shadow_topic: str
+) -> tuple[str, str | None]:
+    """Where a record goes: shadow records to ``shadow_topic``, keyed by request id."""
+    request_id = record.get("request_id")
+    chosen = shadow_topic if record.get("arm") == "shadow" else topic
+    return chosen, None if request_id is None else str(request_id)
+
+
+def topic_and_key_of(value: bytes, topic: str, shadow_topic: str) -> tuple[str, str | None]:
+    """:func:`topic_and_key` of an encoded record (a spooled one, when it is replayed)."""
+    try:
+        record = json.loads(value)
+    except ValueError:
+        return topic, None
+    return topic_and_key(record, topic, shadow_topic)
+
+
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """The Kafka message value: the record plus ``schema_version`` and ``feature_hash``.
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import json
 import logging
 import threading
 import time
@@ -45,7 +44,7 @@ from python_backend.predlog.bookkeeping import (
     every_power_of_two,
 )
 from python_backend.predlog.config import open_spools, producer_config_for
-from python_backend.predlog.records import encode_record
+from python_backend.predlog.records import encode_record, topic_and_key, topic_and_key_of
 from python_backend.predlog.spool import SpoolError, SpoolFullError
 
 if TYPE_CHECKING:
@@ -135,22 +134,20 @@ class KafkaPredictionLog:
     def log_many(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Queue prediction records for Kafka, journaled with one ``write(2)`` for all (a
         dynamic batch at a time, from the pipeline). Non-blocking; never raises."""
-        queued: list[tuple[str, bytes, str | None]] = []
+        queued: list[tuple[str, str | None, bytes]] = []
         for record in records:
             try:
                 if self._closed:
                     raise RuntimeError("prediction log is closed")
                 value = encode_record(record)
-                topic = self.shadow_topic if record.get("arm") == "shadow" else self.topic
-                request_id = record.get("request_id")
-                queued.append((topic, value, None if request_id is None else str(request_id)))
+                queued.append((*topic_and_key(record, self.topic, self.shadow_topic), value))
             except Exception:
                 if every_power_of_two(self._stats.add("dropped")):
                     log.exception("prediction record dropped (not serializable or log closed)")
         if not queued:
             return
-        ordinals = self._journal_append([value for _, value, _ in queued])
-        for (topic, value, key), ordinal in zip(queued, ordinals, strict=True):
+        ordinals = self._journal_append([value for _, _, value in queued])
+        for (topic, key, value), ordinal in zip(queued, ordinals, strict=True):
             self._produce(topic, value, key, ordinal)
 
     def _produce(self, topic: str, value: bytes, key: str | None, ordinal: int | None) -> None:
@@ -365,7 +362,7 @@ class KafkaPredictionLog:
         self._pending_replay = batch
         sent = 0
         for entry in entries:
-            topic, key = self._route(entry.payload)
+            topic, key = topic_and_key_of(entry.payload, self.topic, self.shadow_topic)
             try:
                 self._producer.produce(topic, entry.payload, key, on_delivery=batch.callback(sent))
             except (BufferError, KafkaException) as exc:  # live traffic first; rest next round
@@ -393,13 +390,3 @@ class KafkaPredictionLog:
             self._spool.ack(batch.entries[finished - 1])
         self._pending_replay = None
         return finished
-
-    def _route(self, value: bytes) -> tuple[str, str | None]:
-        """Topic and key of a spooled message value (as ``log`` chose them)."""
-        try:
-            record = json.loads(value)
-        except ValueError:
-            return self.topic, None
-        request_id = record.get("request_id")
-        topic = self.shadow_topic if record.get("arm") == "shadow" else self.topic
-        return topic, None if request_id is None else str(request_id)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 from fastapi import Request
@@ -185,6 +186,24 @@ async def test_prediction_equals_triton_direct_with_headers_and_log_record(
         "fraud_xgb", {**BODY, "request_id": "from-body"}, headers={"X-Request-ID": "from-header"}
     )
     assert r.headers["X-Request-ID"] == "from-body"
+
+
+async def test_fast_path_and_route_answer_alike(gateway: Gateway) -> None:
+    """``application/json`` takes the fast path (gateway/http/fast_predict.py); another JSON
+    media type is served by the route itself: same body, same headers."""
+    answers = []
+    for i, media_type in enumerate(("application/json", "application/vnd.rtinfer+json")):
+        r = await gateway.client.post(
+            "/predict/fraud_xgb",
+            content=orjson.dumps({**BODY, "request_id": f"alike-{i}"}),
+            headers={"content-type": media_type},
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out.pop("request_id") == r.headers["X-Request-ID"] == f"alike-{i}"
+        out.pop("latency_ms")
+        answers.append((out, r.headers["content-type"], "x-prediction-degraded" in r.headers))
+    assert answers[0] == answers[1]
 
 
 async def _logged(gw: Gateway, request_id: str) -> bool:
