@@ -6,7 +6,9 @@ concurrency, ``wrk -t2 --latency`` for ``--duration-s`` against
 * Triton direct: ``POST /v2/models/fraud_xgb_pipeline/infer`` (KServe v2 JSON) on Triton's
   HTTP port;
 * the gateway: ``POST /predict/fraud_xgb`` with an API key (auth, rate limit, canary routing
-  and the Kafka prediction log all on);
+  and the Kafka prediction log all on), the stack's (1 worker, the default) and each of
+  ``--gateways`` (default: ``gateway-2w=2``, 2 workers; ``name=1@<git ref>`` runs another
+  commit beside this one for an A/B, see ``extra_gateways.py``);
 * the baseline: ``perf_analyzer/baseline_service.py`` (FastAPI + redis.asyncio + xgboost, 2
   uvicorn workers), started here on a free port.
 
@@ -31,11 +33,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 from cpu_account import CpuMeter
+from extra_gateways import GatewaySpec, extra_gateways
 from loadgen import predict_body
 
 from gateway.auth.key_store import create_api_key, revoke_api_key
@@ -164,6 +168,11 @@ def start_baseline(state: stack_mod.StackState, port: int, workers: int) -> subp
     raise RuntimeError("the baseline service did not start within 60 s")
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
 def check_baseline(gateway: str, baseline: str, key: str, payloads: list[dict]) -> float:
     """Largest |gateway - baseline| served probability over ``payloads``."""
     worst = 0.0
@@ -185,7 +194,8 @@ def main() -> None:
     p.add_argument("--duration-s", type=float, default=15.0)
     p.add_argument("--bodies", type=int, default=2000)
     p.add_argument("--baseline-workers", type=int, default=2)
-    p.add_argument("--servers", default="triton,gateway,baseline")
+    p.add_argument("--servers", default="triton,gateway,gateway-2w,baseline")
+    p.add_argument("--gateways", default="gateway-2w=2", help="extra gateways: name=workers[@ref]")
     p.add_argument("--input-data", type=Path, default=HERE / "input_data.json")
     p.add_argument("--pause-s", type=float, default=2.0)
     p.add_argument("--run-name", default=dt.datetime.now().strftime("%Y-%m-%d-doors"))
@@ -230,11 +240,26 @@ def main() -> None:
         ),
     }  # fmt: skip
     cells: list[Cell] = []
-    scripts = Path(tempfile.mkdtemp(prefix="door-bench-"))
-    try:
+    specs = [GatewaySpec.parse(x) for x in args.gateways.split(",") if x]
+    wanted = args.servers.split(",")
+    with ExitStack() as cleanup:
+        cleanup.callback(revoke_api_key, conninfo, api_key.key_id)
+        cleanup.callback(stop_process, baseline)
+        scripts = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="door-bench-")))
+        extras = cleanup.enter_context(
+            extra_gateways([g for g in specs if g.name in wanted], state, out_dir)
+        )
+        for name, started in extras.items():
+            servers[name] = (
+                started.url,
+                f"/predict/{MODEL}",
+                rest,
+                servers["gateway"][3],
+                started.pid,
+            )
         worst = check_baseline(gateway_url, baseline_url, key, rest[:200])
         print(f"baseline vs gateway: largest probability difference {worst:.2e} (200 bodies)")
-        for name in args.servers.split(","):
+        for name in wanted:
             url, path, payloads, headers, pid = servers[name]
             script = scripts / f"{name}.lua"  # holds the API key: not kept
             lua_script(script, path, payloads, headers)
@@ -248,11 +273,6 @@ def main() -> None:
                 cells.append(cell)
                 print(json.dumps(asdict(cell)), flush=True)
                 time.sleep(args.pause_s)
-    finally:
-        baseline.terminate()
-        baseline.wait(10)
-        shutil.rmtree(scripts, ignore_errors=True)
-        revoke_api_key(conninfo, api_key.key_id)
     (out_dir / "doors.json").write_text(json.dumps([asdict(c) for c in cells], indent=1))
     print(table(cells))
 

@@ -45,8 +45,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.grpc._client import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
@@ -61,14 +63,8 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.serving.endpoint_guard import EndpointGuard
-from python_backend.contract import (
-    CONTEXT_FEATURES,
-    LOGGED_BY,
-    LOGGED_BY_GATEWAY,
-    LOGGED_BY_PROBE,
-    OUTPUTS,
-    ensemble_inputs,
-)
+from gateway.serving.infer_proto import InferenceResult, MalformedResponse, infer_request, results
+from python_backend.contract import CONTEXT_FEATURES, LOGGED_BY_GATEWAY, LOGGED_BY_PROBE
 
 #: entity ids of guard and health probes (never logged; unknown entities get defaults)
 PROBE_ENTITY = "__rtinfer_probe__"
@@ -91,19 +87,6 @@ def channel_args() -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """One row of an ensemble response."""
-
-    prediction: float
-    label: str
-    confidence: float
-    degraded: bool
-    degraded_reason: str
-    imputed_count: int
-    features: list[float]
 
 
 @dataclass(frozen=True)
@@ -149,10 +132,13 @@ class TritonClient:
         if max_calls < 1 or max_batch_rows < 1:
             raise ValueError("max_calls and max_batch_rows must be at least 1")
         self.url = url
+        # admin calls (readiness, configs, the repository index) through tritonclient;
+        # inference, the hot path, as raw protobufs on a channel of its own
         self._client = grpcaio.InferenceServerClient(url, channel_args=channel_args())
+        self._channel = grpc.aio.insecure_channel(url, options=channel_args())
+        self._model_infer = service_pb2_grpc.GRPCInferenceServiceStub(self._channel).ModelInfer
         self._call_grace_s = call_grace_s
         self._metrics = metrics
-        self._requested = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         self._max_calls = max_calls
         self._max_batch_rows = max_batch_rows
         self._lanes: dict[str, _Lane] = {}
@@ -165,6 +151,7 @@ class TritonClient:
         for task in list(self._calls):
             task.cancel()
         await asyncio.gather(*self._calls, return_exceptions=True)
+        await self._channel.close()
         await self._client.close()
 
     async def probe(self, endpoint: str, timeout_s: float) -> InferenceResult:
@@ -279,59 +266,60 @@ class TritonClient:
         """One Triton request for ``rows``: Triton's ``timeout`` is the latest row deadline,
         the gRPC deadline ``grace_s`` (default ``call_grace_s``) later. ``logged_by`` tells the
         pipeline who logs the rows (the gateway's doors do; probes are not predictions)."""
-        inputs = ensemble_inputs(
-            grpcclient,
-            [r.user_id for r in rows],
-            [r.merchant_id for r in rows],
-            [r.context for r in rows],
-        )
         timeout_s = max(r.deadline for r in rows) - time.monotonic()
         request_id = (
             rows[0].request_id if len(rows) == 1 else f"{rows[0].request_id}+{len(rows) - 1}"
         )
+        budget_s = max(timeout_s, 0.001)
+        request = infer_request(
+            endpoint,
+            [r.user_id for r in rows],
+            [r.merchant_id for r in rows],
+            [r.context for r in rows],
+            request_id=request_id,
+            timeout_us=max(1, int(budget_s * 1e6)),
+            logged_by=logged_by,
+        )
         started = time.perf_counter()
         outcome = "ok"
-        budget_s = max(timeout_s, 0.001)
         try:
-            result = await self._client.infer(
-                endpoint,
-                inputs,
-                outputs=self._requested,
-                request_id=request_id,
-                parameters={LOGGED_BY: logged_by},
-                timeout=max(1, int(budget_s * 1e6)),
-                client_timeout=budget_s + (self._call_grace_s if grace_s is None else grace_s),
+            response = await self._model_infer(
+                request,
+                timeout=budget_s + (self._call_grace_s if grace_s is None else grace_s),
             )
-        except InferenceServerException as exc:
-            error = self._map_error(exc, endpoint)
+            return results(response, len(rows))
+        except grpc.aio.AioRpcError as exc:
+            error = self._map_error(exc.code().name, exc.details() or "", endpoint)
             outcome = error.code
             raise error from None
+        except MalformedResponse as exc:
+            outcome = "upstream_error"
+            raise UpstreamError(f"triton {self.url} ({endpoint}): {exc}") from None
         finally:
             if self._metrics is not None:
                 self._metrics.triton_seconds.labels(endpoint, outcome).observe(
                     time.perf_counter() - started
                 )
                 self._metrics.triton_batch_rows.labels(endpoint).observe(len(rows))
-        return _results(result, len(rows))
 
     async def is_server_ready(self, timeout_s: float) -> bool:
         try:
             return bool(await self._client.is_server_ready(client_timeout=timeout_s))
         except InferenceServerException as exc:
-            raise self._map_error(exc, "server") from None
+            raise self._map_triton(exc, "server") from None
 
     async def is_model_ready(self, endpoint: str, timeout_s: float) -> bool:
         try:
             return bool(await self._client.is_model_ready(endpoint, client_timeout=timeout_s))
         except InferenceServerException as exc:
-            raise self._map_error(exc, endpoint) from None
+            raise self._map_triton(exc, endpoint) from None
 
     async def ensemble_steps(self, endpoint: str, timeout_s: float) -> list[tuple[str, int]]:
         """(model, version) of each step of ensemble ``endpoint``; -1: the newest loaded."""
         try:
             response = await self._client.get_model_config(endpoint, client_timeout=timeout_s)
         except InferenceServerException as exc:
-            raise self._map_error(exc, endpoint) from None
+            raise self._map_triton(exc, endpoint) from None
         steps = response.config.ensemble_scheduling.step
         return [(step.model_name, int(step.model_version)) for step in steps]
 
@@ -340,12 +328,14 @@ class TritonClient:
         try:
             index = await self._client.get_model_repository_index(client_timeout=timeout_s)
         except InferenceServerException as exc:
-            raise self._map_error(exc, "repository index") from None
+            raise self._map_triton(exc, "repository index") from None
         return [ModelState(m.name, m.version, m.state, m.reason) for m in index.models]
 
-    def _map_error(self, exc: InferenceServerException, endpoint: str) -> GatewayError:
-        status = str(exc.status() or "")
-        text = exc.message() or str(exc)
+    def _map_triton(self, exc: InferenceServerException, endpoint: str) -> GatewayError:
+        return self._map_error(str(exc.status() or ""), exc.message() or str(exc), endpoint)
+
+    def _map_error(self, status: str, text: str, endpoint: str) -> GatewayError:
+        """The typed error of a gRPC status (``StatusCode.X`` or ``X``) and message."""
         where = f"triton {self.url} ({endpoint})"
         if status.endswith("INVALID_ARGUMENT"):
             return InvalidRequest(f"rejected by {endpoint}: {text}")
@@ -358,33 +348,6 @@ class TritonClient:
         if status.endswith("UNAVAILABLE"):
             return UpstreamUnavailable(f"{where} unavailable: {text}")
         return UpstreamError(f"{where} failed ({status or 'no status'}): {text}")
-
-
-def _results(result: grpcclient.InferResult, n: int) -> list[InferenceResult]:
-    """The ``n`` rows of an ensemble response."""
-    prediction = result.as_numpy("prediction")
-    label = result.as_numpy("label")
-    confidence = result.as_numpy("confidence")
-    degraded = result.as_numpy("degraded")
-    reason = result.as_numpy("degraded_reason")
-    imputed = result.as_numpy("imputed_count")
-    features = result.as_numpy("features")
-    return [
-        InferenceResult(
-            prediction=float(prediction[i][0]),
-            label=_text(label[i][0]),
-            confidence=float(confidence[i][0]),
-            degraded=bool(degraded[i][0]),
-            degraded_reason=_text(reason[i][0]),
-            imputed_count=int(imputed[i][0]),
-            features=features[i].tolist(),
-        )
-        for i in range(n)
-    ]
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _settle(row: _Row, result: InferenceResult) -> None:

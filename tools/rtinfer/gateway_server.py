@@ -60,15 +60,17 @@ def spawn_settled(
     *,
     startup_timeout_s: float = 60.0,
     launch: Launch = spawn_program,
+    cwd: Path = REPO_ROOT,
 ) -> Process:
     """``python -m <module>`` with ``settings`` in its environment, once ``ready_url`` answers
-    200; stopped again if it does not within ``startup_timeout_s``."""
+    200; stopped again if it does not within ``startup_timeout_s``. ``cwd`` holds the code
+    it runs (another checkout, for A/B benchmarks)."""
     spec = ProgramSpec(
         name,
         [sys.executable, "-m", module],
         log_path,
         env=settings_env(settings),
-        cwd=REPO_ROOT,
+        cwd=cwd,
         stop_timeout_s=30.0,  # shutdown flushes the prediction log and drains jobs
     )
     proc = launch(spec)
