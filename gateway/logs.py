@@ -8,10 +8,11 @@ variables set by the prediction service; extra fields are passed as ``extra={"fi
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import sys
 from typing import Any
+
+import orjson
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
@@ -55,7 +56,8 @@ class JsonFormatter(logging.Formatter):
             line.update({k: v for k, v in fields.items() if v is not None})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        options = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+        return orjson.dumps(line, default=str, option=options).decode()
 
 
 def configure_logging(level: str = "info") -> None:
