@@ -19,7 +19,12 @@ class GatewaySettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port.")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes.")
+    workers: int = Field(1, ge=1, description="Worker processes.")
+    server: Literal["uvicorn", "granian"] = Field(
+        "uvicorn",
+        description="HTTP server: uvicorn (httptools) or granian (Rust; `pip install granian`); "
+        "docs/benchmarks.md compares them.",
+    )
     loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop",
         description="Event loop of the workers (docs/benchmarks.md compares them).",

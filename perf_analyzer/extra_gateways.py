@@ -1,9 +1,11 @@
-"""Gateways the door benchmark starts beside the stack's: more workers, or another commit.
+"""Gateways the door benchmark starts beside the stack's: more workers, another server, or
+another commit.
 
-A spec is ``name=workers`` (this checkout) or ``name=workers@ref`` (a detached ``git
-worktree`` of ``ref``, for an A/B of two versions in one run), e.g. ``gateway-2w=2`` or
-``before=1@HEAD~3``. Each runs ``python -m gateway`` with the running stack's settings on a
-free port, its own spool slot and health file, and is stopped (its worktree removed) after.
+A spec is ``name=workers[:server][@ref]``: ``server`` is ``uvicorn`` (the default) or
+``granian``, ``ref`` a commit run from a detached ``git worktree`` (an A/B of two versions in
+one run), e.g. ``gateway-2w=2``, ``granian=1:granian`` or ``before=1@HEAD~3``. Each runs
+``python -m gateway`` with the running stack's settings on a free port, its own spool slot
+and health file, and is stopped (its worktree removed) after.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ class GatewaySpec:
     name: str
     workers: int
     ref: str | None = None
+    server: str = "uvicorn"
 
     @classmethod
     def parse(cls, text: str) -> GatewaySpec:
         name, sep, rest = text.partition("=")
-        workers, _, ref = rest.partition("@")
+        rest, _, ref = rest.partition("@")
+        workers, _, server = rest.partition(":")
         if not sep or not name or not workers.isdigit() or int(workers) < 1:
-            raise ValueError(f"gateway spec {text!r}: expected name=workers[@git-ref]")
-        return cls(name, int(workers), ref or None)
+            raise ValueError(f"gateway spec {text!r}: expected name=workers[:server][@git-ref]")
+        return cls(name, int(workers), ref or None, server or "uvicorn")
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ def extra_gateways(
             tree = stack.enter_context(_checkout(spec.ref))
             settings = base.model_copy(deep=True)
             gw = settings.gateway
-            gw.port, gw.workers = free_port(gw.host), spec.workers
+            gw.port, gw.workers, gw.server = free_port(gw.host), spec.workers, spec.server
             gw.triton_grpc_url = state.triton_ports.grpc_url
             proc = spawn_settled(
                 spec.name,

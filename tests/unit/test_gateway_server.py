@@ -28,3 +28,21 @@ def test_settings_round_trip_through_the_environment(
     assert child.gateway.postgres_dsn is not None
     assert child.gateway.postgres_dsn.get_secret_value() == "host=db password=s3cret"
     assert child.state_dir == tmp_path / "state"
+
+
+def test_granian_without_the_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from gateway import __main__ as entry
+
+    real_import = builtins.__import__
+
+    def no_granian(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("granian"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setenv("RTINFER_GATEWAY__SERVER", "granian")
+    monkeypatch.setattr(builtins, "__import__", no_granian)
+    with pytest.raises(SystemExit, match="pip install granian"):
+        entry.main()
