@@ -40,7 +40,13 @@ from pathlib import Path
 import httpx
 from cpu_account import CpuMeter
 from extra_gateways import GatewaySpec, extra_gateways
-from loadgen import predict_body
+from loadgen import (
+    ensure_vegeta,
+    predict_body,
+    vegeta_attack,
+    vegeta_summary,
+    write_targets,
+)
 
 from gateway.auth.key_store import create_api_key, revoke_api_key
 from gateway.catalog.dsn import dsn
@@ -198,6 +204,10 @@ def main() -> None:
     p.add_argument("--gateways", default="gateway-2w=2", help="extra gateways: name=workers[@ref]")
     p.add_argument("--input-data", type=Path, default=HERE / "input_data.json")
     p.add_argument("--pause-s", type=float, default=2.0)
+    p.add_argument(
+        "--rates", default="", help="open loop: vegeta at these req/s against --open-servers"
+    )
+    p.add_argument("--open-servers", default="gateway,baseline")
     p.add_argument("--run-name", default=dt.datetime.now().strftime("%Y-%m-%d-doors"))
     args = p.parse_args()
     if shutil.which("wrk") is None:
@@ -240,6 +250,7 @@ def main() -> None:
         ),
     }  # fmt: skip
     cells: list[Cell] = []
+    opened: list[dict] = []
     specs = [GatewaySpec.parse(x) for x in args.gateways.split(",") if x]
     wanted = args.servers.split(",")
     with ExitStack() as cleanup:
@@ -247,7 +258,7 @@ def main() -> None:
         cleanup.callback(stop_process, baseline)
         scripts = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="door-bench-")))
         extras = cleanup.enter_context(
-            extra_gateways([g for g in specs if g.name in wanted], state, out_dir)
+            extra_gateways([g for g in specs if g.name in wanted], state, scripts)
         )
         for name, started in extras.items():
             servers[name] = (
@@ -273,8 +284,47 @@ def main() -> None:
                 cells.append(cell)
                 print(json.dumps(asdict(cell)), flush=True)
                 time.sleep(args.pause_s)
+        for name in (n for n in args.open_servers.split(",") if args.rates and n in servers):
+            url, _, _, headers, _ = servers[name]
+            for rate in (int(x) for x in args.rates.split(",")):
+                point = open_loop(url, headers.get("X-API-Key"), args, rate, scripts)
+                opened.append({"server": name, "rate": rate, **point})
+                print(json.dumps(opened[-1]), flush=True)
+                time.sleep(args.pause_s)
     (out_dir / "doors.json").write_text(json.dumps([asdict(c) for c in cells], indent=1))
     print(table(cells))
+    if opened:
+        (out_dir / "open_loop.json").write_text(json.dumps(opened, indent=1))
+        print(open_table(opened))
+
+
+def open_loop(url: str, key: str | None, args: argparse.Namespace, rate: int, tmp: Path) -> dict:
+    """vegeta at ``rate`` req/s for ``--duration-s`` (open loop: a slow server cannot slow the
+    sender), over the same requests as the closed loop."""
+    vegeta = ensure_vegeta()
+    targets, results = tmp / "targets.json", tmp / f"open-{rate}.bin"
+    write_targets(args.input_data, url, key, targets)
+    vegeta_attack(vegeta, targets, rate, args.duration_s, results)
+    summary = vegeta_summary(vegeta, results, rate)
+    keep = ("sent_per_s", "ok_per_s", "ok_ratio", "degraded", "p50_ms", "p99_ms", "send_lag_p99_ms")
+    errors: dict[str, int] = {}
+    for kind, n in summary["errors"].items():  # socket errors name the ports: group them
+        kind = kind.rsplit(": ", 1)[-1] if "->" in kind else kind
+        errors[kind] = errors.get(kind, 0) + n
+    return {**{k: summary[k] for k in keep}, "errors": errors}
+
+
+def open_table(points: list[dict]) -> str:
+    lines = [
+        "| server | rate req/s | ok/s | p50 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pt in points:
+        lines.append(
+            f"| {pt['server']} | {pt['rate']:,} | {pt['ok_per_s']:,.0f} | {pt['p50_ms']:.1f} | "
+            f"{pt['p99_ms']:.1f} | {sum(pt['errors'].values())} |"
+        )
+    return "\n".join(lines)
 
 
 def table(cells: list[Cell]) -> str:
