@@ -8,6 +8,7 @@ benchmarks build them, and the postprocess step's outputs are read back by these
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,25 @@ OUTPUTS = (
 LOGGED_BY = "rtinfer_logged_by"
 LOGGED_BY_GATEWAY = "gateway"
 LOGGED_BY_PROBE = "probe"
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """One row of an ensemble response (the ``OUTPUTS``, read back)."""
+
+    prediction: float
+    label: str
+    confidence: float
+    degraded: bool
+    degraded_reason: str
+    imputed_count: int
+    features: list[float]
+
+    def to_dict(self, with_features: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        if not with_features:
+            out.pop("features")
+        return out
 
 
 def context_vector(context: Mapping[str, float]) -> list[float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 from tritonclient.grpc import service_pb2
@@ -24,6 +23,7 @@ from python_backend.contract import (
     MERCHANT_ID,
     OUTPUTS,
     USER_ID,
+    InferenceResult,
 )
 
 _LENGTH = struct.Struct("<I")
@@ -31,19 +31,6 @@ _LENGTH = struct.Struct("<I")
 
 class MalformedResponse(ValueError):
     """The response does not hold the ensemble's outputs for every row."""
-
-
-@dataclass(frozen=True)
-class InferenceResult:
-    """One row of an ensemble response."""
-
-    prediction: float
-    label: str
-    confidence: float
-    degraded: bool
-    degraded_reason: str
-    imputed_count: int
-    features: list[float]
 
 
 def _bytes_tensor(values: Sequence[str]) -> bytes:

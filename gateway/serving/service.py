@@ -40,9 +40,9 @@ from gateway.logs import model_var, model_version_var, request_id_var
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest, PredictResponse
 from gateway.serving.health import HealthTracker
-from gateway.serving.infer_proto import InferenceResult
 from gateway.serving.shadow import ShadowMirror
 from gateway.serving.triton_client import TritonClient
+from python_backend.contract import InferenceResult
 from python_backend.predlog.sink import PredictionLog
 
 log = logging.getLogger(__name__)

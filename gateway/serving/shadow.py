@@ -36,7 +36,7 @@ from gateway.errors import GatewayError
 from gateway.logs import model_version_var
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest
-from gateway.serving.infer_proto import InferenceResult
+from python_backend.contract import InferenceResult
 from python_backend.predlog.sink import PredictionLog
 
 log = logging.getLogger(__name__)

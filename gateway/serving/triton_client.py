@@ -63,8 +63,13 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.serving.endpoint_guard import EndpointGuard
-from gateway.serving.infer_proto import InferenceResult, MalformedResponse, infer_request, results
-from python_backend.contract import CONTEXT_FEATURES, LOGGED_BY_GATEWAY, LOGGED_BY_PROBE
+from gateway.serving.infer_proto import MalformedResponse, infer_request, results
+from python_backend.contract import (
+    CONTEXT_FEATURES,
+    LOGGED_BY_GATEWAY,
+    LOGGED_BY_PROBE,
+    InferenceResult,
+)
 
 #: entity ids of guard and health probes (never logged; unknown entities get defaults)
 PROBE_ENTITY = "__rtinfer_probe__"

@@ -19,8 +19,8 @@ from gateway.catalog.shadows import CatalogUnavailable, remove_shadows
 from gateway.errors import ModelNotReady, describe_validation_errors
 from gateway.metrics import GatewayMetrics
 from gateway.schemas import PredictRequest, ShadowRequest
-from gateway.serving.infer_proto import InferenceResult
 from gateway.serving.shadow import ShadowMirror, sampled, shadow_bucket
+from python_backend.contract import InferenceResult
 from rtinfer.procs import free_port
 
 pytestmark = pytest.mark.anyio

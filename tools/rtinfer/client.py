@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from python_backend.contract import OUTPUTS, context_vector, decode, ensemble_inputs
+from python_backend.contract import (
+    OUTPUTS,
+    InferenceResult,
+    context_vector,
+    decode,
+    ensemble_inputs,
+)
 
 Protocol = Literal["http", "grpc"]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One row of an ensemble response."""
-
-    prediction: float
-    label: str
-    confidence: float
-    degraded: bool
-    degraded_reason: str
-    imputed_count: int
-    features: list[float]
-
-    def to_dict(self, with_features: bool = False) -> dict[str, Any]:
-        out = asdict(self)
-        if not with_features:
-            out.pop("features")
-        return out
+#: one row of an ensemble response, as the gateway reads it too
+Prediction = InferenceResult
 
 
 class FraudClient:
