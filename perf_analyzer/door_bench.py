@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from gateway.auth.key_store import create_api_key, revoke_api_key
 from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
 from rtinfer import stack as stack_mod
+from rtinfer.procs import free_port
 
 HERE = Path(__file__).parent
 MODEL, PIPELINE = "fraud_xgb", "fraud_xgb_pipeline"
@@ -147,12 +147,6 @@ def run_wrk(base_url: str, script: Path, concurrency: int, duration_s: float) ->
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_baseline(state: stack_mod.StackState, port: int, workers: int) -> subprocess.Popen:
     version = json.loads((Path(state.model_repository) / MODEL / "serving.json").read_text())
     version_dir = Path(state.model_repository) / MODEL / str(version["champion"])
@@ -201,7 +195,9 @@ def main() -> None:
     p.add_argument("--bodies", type=int, default=2000)
     p.add_argument("--baseline-workers", type=int, default=2)
     p.add_argument("--servers", default="triton,gateway,gateway-2w,baseline")
-    p.add_argument("--gateways", default="gateway-2w=2", help="extra gateways: name=workers[@ref]")
+    p.add_argument(
+        "--gateways", default="gateway-2w=2", help="extra gateways: name=workers[:server][@git-ref]"
+    )
     p.add_argument("--input-data", type=Path, default=HERE / "input_data.json")
     p.add_argument("--pause-s", type=float, default=2.0)
     p.add_argument(

@@ -114,7 +114,6 @@ class DirectLog:
     def __init__(self, sink: PredictionLog, identity: PipelineIdentity) -> None:
         self._sink = sink
         self._identity = identity
-        self.logged = 0
 
     def records(
         self,
@@ -172,7 +171,6 @@ class DirectLog:
         else:
             for record in records:
                 self._sink.log(record)
-        self.logged += len(records)
         return len(records)
 
     def close(self, timeout_s: float = 10.0) -> None:

@@ -73,16 +73,11 @@ class FastPredict:
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
-    """The whole body, and a receive that hands it over again (to the app, if it goes on)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
+    """The body, and a receive that hands it over again (to the app, if it goes on).
+    :class:`~gateway.http.ingress.IngressMiddleware`, outside this layer, has already read it
+    whole and hands it over in one message."""
+    message = await receive()
+    body = message.get("body", b"") if message["type"] == "http.request" else b""
     return body, replay_body(body, receive)
 
 

@@ -162,17 +162,6 @@ def _invalid(message: str) -> Any:
     )
 
 
-#: model parameters of the direct-client prediction log (written by `rtinfer models build`)
-DIRECT_LOG_PARAMS = (
-    "prediction_log_bootstrap",
-    "prediction_log_spool_dir",
-    "prediction_log_linger_ms",
-    "log_model_name",
-    "log_model_version",
-    "serving_endpoint",
-)
-
-
 def _optional_input(request: Any, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
@@ -232,7 +221,7 @@ class TritonPythonModel:
             labels, class_names, reasons, param_float(config, "metrics_interval_s", 1.0)
         )
         self._direct: DirectLog | None = open_direct_log(
-            {k: get_param(config, k) or "" for k in DIRECT_LOG_PARAMS},
+            {k: get_param(config, k) or "" for k in config.get("parameters") or {}},
             args["model_instance_name"],
         )
         logger.info(
