@@ -14,12 +14,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.config import GatewaySettings
 from gateway.lifecycle.config import LifecycleSettings
+from gateway.store.config import StoreSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Target = Literal["cpu", "ngc"]
 Service = Literal[
-    "redis", "postgres", "kafka", "mlflow", "triton", "gateway", "async-worker", "deployer"
+    "redis",
+    "postgres",
+    "kafka",
+    "mlflow",
+    "triton",
+    "gateway",
+    "async-worker",
+    "deployer",
+    "store",
+    "sink",
 ]
 
 
@@ -167,6 +177,8 @@ class Settings(BaseSettings):
             "gateway",
             "async-worker",
             "deployer",
+            "store",
+            "sink",
         ],
         description="What `stack up` starts (redis and triton are always started).",
     )
@@ -180,10 +192,18 @@ class Settings(BaseSettings):
     postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
 
     def kafka_bootstrap(self) -> str:
         """The prediction log's brokers: ``gateway.kafka_bootstrap``, else the local stack's."""
         return self.gateway.kafka_bootstrap or self.kafka.bootstrap
+
+    def store_url(self) -> str:
+        """The prediction store: ``store.url``, else the local stack's embedded server."""
+        if self.store.url is not None:
+            return self.store.url.get_secret_value()
+        s = self.store
+        return f"http://{s.host}:{s.port}/{s.database}"
 
     def spool_root(self) -> Path:
         """Where prediction-log spools live: ``gateway.spool_dir``, else ``<state_dir>/spool``."""

@@ -1,0 +1,1 @@
+"""The prediction store: the prediction log and its labels in ClickHouse (chdb locally)."""
