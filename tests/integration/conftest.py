@@ -26,6 +26,7 @@ from gateway.settings import (
     Settings,
     TritonSettings,
 )
+from gateway.store.config import StoreSettings
 from rtinfer import stack
 from rtinfer.client import FraudClient
 
@@ -56,6 +57,7 @@ def _settings(state_dir: Path, repository: Path) -> Settings:
         lifecycle=LifecycleSettings(deployer_port=0, watch=False),
         # short breaker reset so recovery tests stay quick
         features=FeatureSettings(breaker_reset_timeout_s=0.5),
+        store=StoreSettings(port=0),
     )
 
 

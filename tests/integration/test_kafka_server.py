@@ -84,6 +84,8 @@ def test_default_topics_have_partitions_and_retention(broker: Broker, topics: li
         "predictions-shadow": (3, 7 * day_ms),
         "inference-requests": (6, day_ms),
         "inference-requests-dlq": (1, 14 * day_ms),
+        "prediction-labels": (3, 30 * day_ms),
+        "predictions-dlq": (1, 14 * day_ms),
     }
     assert sorted(topics) == sorted(expected)
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})

@@ -55,7 +55,9 @@ def test_status_reports_catalog_and_topics(
     assert kafka["topics"] == {  # type: ignore[index]
         "inference-requests": 6,
         "inference-requests-dlq": 1,
+        "prediction-labels": 3,
         "predictions": 6,
+        "predictions-dlq": 1,
         "predictions-shadow": 3,
     }
 

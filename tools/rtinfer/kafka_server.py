@@ -56,6 +56,10 @@ DEFAULT_TOPICS: dict[str, TopicSpec] = {
     "predictions-shadow": TopicSpec(partitions=3, retention_ms=7 * DAY_MS),
     "inference-requests": TopicSpec(partitions=6, retention_ms=1 * DAY_MS),
     "inference-requests-dlq": TopicSpec(partitions=1, retention_ms=14 * DAY_MS),
+    # ground truth from POST /feedback, kept long: labels arrive weeks after the prediction
+    "prediction-labels": TopicSpec(partitions=3, retention_ms=30 * DAY_MS),
+    # what the prediction sink could not store, with the reason in its headers
+    "predictions-dlq": TopicSpec(partitions=1, retention_ms=14 * DAY_MS),
 }
 
 

@@ -40,6 +40,7 @@ from rtinfer.mlflow_server import spawn_mlflow, tracking_uri, wait_mlflow
 from rtinfer.postgres_server import start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, Process, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
+from rtinfer.store_process import SINK_PREFIX, sink_name, start_sink, start_store_server
 from rtinfer.supervisor import LIVE_STATES, Supervisor
 from rtinfer.triton_server import TritonPorts, reap_orphan_stubs, start_triton
 from rtinfer.worker_process import WORKER_PREFIX, start_worker, worker_name
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
 #: every service ``up`` can start, in start order
-SERVICE_NAMES = ("redis", "postgres", "kafka", "mlflow", "triton", "gateway", "deployer")
+SERVICE_NAMES = ("redis", "postgres", "kafka", "store", "mlflow", "triton", "gateway", "deployer")
 #: the MLflow webhook's shared secret, generated once per state directory
 WEBHOOK_SECRET_FILE = Path("lifecycle") / "webhook-secret"
 
@@ -84,6 +85,10 @@ class StackState:
     deployer: ServiceState | None = None
     #: ``python -m gateway.asyncpred.worker`` processes; ``port`` is each one's /metrics port
     async_workers: list[ServiceState] = field(default_factory=list)
+    #: the embedded prediction store (``python -m gateway.store.server``); None with store.url
+    store: ServiceState | None = None
+    #: ``python -m gateway.store.sink_service`` processes; ``port`` is each one's /metrics port
+    sinks: list[ServiceState] = field(default_factory=list)
     #: supervisord of this stack
     supervisor_pid: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
@@ -110,12 +115,14 @@ class StackState:
             "redis": self.redis,
             "postgres": self.postgres,
             "kafka": self.kafka,
+            "store": self.store,
             "mlflow": self.mlflow,
             "triton": self.triton,
             "gateway": self.gateway,
             "deployer": self.deployer,
         }
         out.update({worker_name(i): svc for i, svc in enumerate(self.async_workers)})
+        out.update({sink_name(i): svc for i, svc in enumerate(self.sinks)})
         return {name: svc for name, svc in out.items() if svc is not None}
 
     @property
@@ -146,6 +153,8 @@ class StackState:
                 getattr(out, name).port = svc.port
         if self.deployer is not None:
             out.lifecycle.deployer_port = self.deployer.port
+        if self.store is not None:
+            out.store.port = self.store.port
         return out
 
     @classmethod
@@ -158,6 +167,7 @@ class StackState:
             if raw.get(name) is not None:
                 raw[name] = ServiceState(**raw[name])
         raw["async_workers"] = [ServiceState(**w) for w in raw.get("async_workers", [])]
+        raw["sinks"] = [ServiceState(**w) for w in raw.get("sinks", [])]
         return cls(**raw)
 
 
@@ -202,6 +212,13 @@ def resolve_settings(settings: Settings) -> tuple[Settings, set[str], TritonPort
             lc.webhook_secret = SecretStr(secret)
     if "async-worker" in wanted and not {"postgres", "kafka"} <= wanted:
         raise StackError("async workers need postgres and kafka in `services`")
+    if settings.store.url is not None:
+        wanted.discard("store")  # the configured server, not an embedded one
+    elif "store" in wanted:
+        settings.store.port = resolve_port(settings.store.port, settings.store.host, taken)
+    if "sink" in wanted and "kafka" not in wanted and not settings.gateway.kafka_bootstrap:
+        log.warning("kafka is not started: no prediction sink runs")
+        wanted.discard("sink")
     host = settings.triton.host
     ports = TritonPorts(
         host=host,
@@ -221,6 +238,7 @@ class _Starter:
         self.ports = ports
         self.started: dict[str, Process] = {}
         self.worker_ports: list[int] = []
+        self.sink_ports: list[int] = []
 
     def add(self, name: str, proc: Process) -> None:
         self.started[name] = proc
@@ -291,6 +309,15 @@ class _Starter:
             self.add(worker_name(i), proc)
             self.worker_ports.append(port)
 
+    def store(self) -> None:
+        self.add("store", start_store_server(self.settings, launch=self.supervisor.add))
+
+    def sinks(self) -> None:
+        for i in range(self.settings.store.sinks):
+            proc, port = start_sink(self.settings, i, launch=self.supervisor.add)
+            self.add(sink_name(i), proc)
+            self.sink_ports.append(port)
+
     def wait_mlflow(self) -> None:
         m = self.settings.mlflow
         wait_mlflow(self.started["mlflow"], m.port, m.host, m.startup_timeout_s)
@@ -328,6 +355,11 @@ class _Starter:
                 for i, port in enumerate(self.worker_ports)
             ],
             supervisor_pid=self.supervisor.daemon.pid if self.supervisor.daemon else None,
+            store=svc("store", s.store.port),
+            sinks=[
+                svc(sink_name(i), port)  # type: ignore[misc]
+                for i, port in enumerate(self.sink_ports)
+            ],
         )
 
 
@@ -365,11 +397,15 @@ def _start_all(
         starter.postgres()
     if "kafka" in wanted:
         starter.kafka()
+    if "store" in wanted:
+        starter.store()
     starter.triton(repository, models)
     if "gateway" in wanted:
         starter.gateway()
     if "async-worker" in wanted:
         starter.workers()
+    if "sink" in wanted:
+        starter.sinks()
     if "mlflow" in wanted:  # nothing above needs it
         starter.wait_mlflow()
     if "deployer" in wanted:  # reconciles with MLflow from its start: after MLflow is up
@@ -412,8 +448,9 @@ def down(settings: Settings) -> list[str]:
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     for name in SERVICE_NAMES:
         (state_dir / f"{name}.pid").unlink(missing_ok=True)
-    for pid_file in state_dir.glob(f"{WORKER_PREFIX}-*.pid"):
-        pid_file.unlink(missing_ok=True)
+    for prefix in (WORKER_PREFIX, SINK_PREFIX):
+        for pid_file in state_dir.glob(f"{prefix}-*.pid"):
+            pid_file.unlink(missing_ok=True)
     return stopped
 
 

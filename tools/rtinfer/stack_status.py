@@ -69,6 +69,19 @@ def status(settings: Settings) -> dict[str, object]:
             }
             for i, w in enumerate(state.async_workers)
         ]
+    if state.store is not None:
+        url = f"http://{state.host}:{state.store.port}"
+        out["store"] = {
+            **_process(state.store, "store", supervised),
+            "url": f"{url}/{settings.store.database}",
+            "ping": http_ok(f"{url}/ping"),
+        }
+    if state.sinks:
+        host = settings.store.metrics_host
+        out["sinks"] = [
+            {**_process(w, f"sink-{i}", supervised), "metrics": f"http://{host}:{w.port}/metrics"}
+            for i, w in enumerate(state.sinks)
+        ]
     return out
 
 
