@@ -139,6 +139,7 @@ class DirectLog:
                         "model_version": ident.model_version,
                         "deployment_id": None,
                         "arm": DIRECT_ARM,
+                        "door": DIRECT_ARM,
                         "serving_endpoint": ident.serving_endpoint,
                         "entity_ids": {
                             "user_id": _column_text(req.user_ids, i),

@@ -272,7 +272,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         on_attempt=lambda outcome: metrics.callbacks.labels(outcome).inc(),
     )
     async with open_serving_core(
-        settings, gateway_metrics, HealthTracker(), default_deadline_ms=cfg.default_deadline_ms
+        settings,
+        gateway_metrics,
+        HealthTracker(),
+        default_deadline_ms=cfg.default_deadline_ms,
+        door="async",
     ) as core:
         store = ResultStore.from_url(result_store_url(settings), cfg.result_ttl_s)
         dead_letters = ConfirmedProducer(

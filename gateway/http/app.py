@@ -22,7 +22,7 @@ from gateway.auth.guards import Authenticate, install_auth
 from gateway.auth.security import ApiKeyGuard
 from gateway.catalog.dsn import catalog_conninfo
 from gateway.errors import GatewayError, install_error_handler
-from gateway.http import async_predict, health, lifecycle, models, predict
+from gateway.http import async_predict, feedback, health, lifecycle, models, predict
 from gateway.http.context import Runtime, install_metrics
 from gateway.http.deps import GatewayDeps
 from gateway.http.fast_predict import FastPredict
@@ -34,10 +34,19 @@ from gateway.serving.core import ServingCore, feature_store_url, health_dir, ope
 from gateway.serving.health import HealthTracker
 from gateway.serving.model_health import HealthChecks
 from gateway.settings import Settings
+from gateway.store.feedback import FeedbackDoor
+from gateway.store.reader import StoreReader
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (predict.router, models.router, health.router, lifecycle.router, async_predict.router)
+ROUTERS = (
+    predict.router,
+    models.router,
+    health.router,
+    lifecycle.router,
+    async_predict.router,
+    feedback.router,
+)
 
 
 def rate_limit_redis_url(settings: Settings) -> str:
@@ -57,6 +66,8 @@ class _Parts:
     health: HealthTracker
     guard: ApiKeyGuard | None
     async_door: AsyncPredictDoor
+    feedback: FeedbackDoor
+    store_reader: StoreReader
 
 
 @asynccontextmanager
@@ -127,6 +138,10 @@ def _lifespan(parts: _Parts) -> Callable[[FastAPI], AbstractAsyncContextManager[
             await parts.async_door.open()
             owned.push_async_callback(parts.async_door.close)
             app.state.async_predict = parts.async_door
+            owned.push_async_callback(parts.feedback.close)
+            owned.push_async_callback(parts.store_reader.close)
+            app.state.feedback = parts.feedback
+            app.state.store_reader = parts.store_reader
             yield
 
     return lifespan
@@ -156,8 +171,16 @@ def create_app(settings: Settings, deps: GatewayDeps | None = None) -> FastAPI:
     if authenticate is None and settings.gateway.auth == "api_key":
         authenticate = guard = _api_key_guard(settings)
     health_tracker = HealthTracker(share_dir=health_dir(settings))
+    store = settings.store
     parts = _Parts(
-        settings, deps, metrics, health_tracker, guard, AsyncPredictDoor(settings, metrics)
+        settings,
+        deps,
+        metrics,
+        health_tracker,
+        guard,
+        AsyncPredictDoor(settings, metrics),
+        FeedbackDoor(settings.kafka_bootstrap(), store.labels_topic, store.feedback_timeout_s),
+        StoreReader(settings.store_url(), store.query_timeout_s),
     )
 
     def count_error(err: GatewayError) -> None:

@@ -124,6 +124,7 @@ async def open_serving_core(
     prediction_log: PredictionLog | None = None,
     *,
     default_deadline_ms: int | None = None,
+    door: str = "gateway",
 ) -> AsyncIterator[ServingCore]:
     """Postgres pool, catalog (first load awaited), Triton client (warmed up), prediction log
     (the configured one unless given) and the service over them; closed in reverse order.
@@ -164,6 +165,7 @@ async def open_serving_core(
             shadow_timeout_ms=gw.shadow_timeout_ms,
             shadow_max_in_flight=gw.shadow_max_in_flight,
             max_in_flight=gw.max_in_flight,
+            door=door,
         )
         yield ServingCore(pool, triton, catalog, service)
     finally:

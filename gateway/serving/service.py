@@ -84,8 +84,10 @@ class PredictionService:
         shadow_timeout_ms: int = 500,
         shadow_max_in_flight: int = 32,
         max_in_flight: int = 0,
+        door: str = "gateway",
     ) -> None:
         self._catalog = catalog
+        self._door = door
         self._triton = triton
         self._metrics = metrics
         self._health = health
@@ -260,6 +262,7 @@ class PredictionService:
             "deployment_id": deployment.deployment_id,
             "arm": route.arm,
             "serving_endpoint": deployment.serving_endpoint,
+            "door": self._door,
             "entity_ids": request.entity_ids.model_dump(),
             "context": dict(request.context),
             "feature_overrides": dict(request.feature_overrides or {}),

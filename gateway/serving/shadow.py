@@ -101,6 +101,7 @@ def shadow_record(
         "deployment_id": shadow.deployment_id,
         "arm": SHADOW_ARM,
         "serving_endpoint": shadow.serving_endpoint,
+        "door": production.get("door", "gateway"),
         "entity_ids": production["entity_ids"],
         "context": production["context"],
         "feature_overrides": production["feature_overrides"],
