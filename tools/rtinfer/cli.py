@@ -20,6 +20,7 @@ from rtinfer import cli_lifecycle
 from rtinfer import stack as stack_mod
 from rtinfer.apikeys import apikeys_app
 from rtinfer.cli_common import echo_json, fail, settings_from_env
+from rtinfer.cli_predictions import predictions_app
 from rtinfer.client import FraudClient
 from rtinfer.features import load_demo_features
 from rtinfer.stack_status import status as stack_status_of
@@ -42,6 +43,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(models_app, name="models")
 app.add_typer(features_app, name="features")
 app.add_typer(apikeys_app, name="apikeys")
+app.add_typer(predictions_app, name="predictions")
 
 log = logging.getLogger("rtinfer")
 
@@ -85,12 +87,24 @@ def models_build(
         str, typer.Option(help="Train fraud_nn with sklearn (default) or torch (optional).")
     ] = "sklearn",
     tracking_uri: TrackingOpt = None,
+    from_parquet: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-parquet",
+            help="Train on served vectors and labels (rtinfer predictions export --with-labels).",
+        ),
+    ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(min=1, help="Version to write (default: 1, or the next one with a file)."),
+    ] = None,
 ) -> None:
     """Train fraud_xgb / fraud_nn / fraud_context_lr, render, register them in MLflow.
 
     The built versions are registered when ``--tracking-uri`` is given or the running stack
     has an MLflow server.
     """
+    from rtinfer.demo.served_data import TrainingDataError, load_training_parquet
     from rtinfer.demo.torch_mlp import TorchUnavailable
     from rtinfer.demo.train import build_demo_models
 
@@ -100,13 +114,16 @@ def models_build(
     if nn_framework not in ("sklearn", "torch"):
         fail(f"--nn-framework must be sklearn or torch, not {nn_framework!r}")
     try:
+        dataset = load_training_parquet(from_parquet) if from_parquet is not None else None
         built = build_demo_models(
             repo,
             seed=settings.seed,
             n_rows=rows,
+            version=version or (_next_version(repo) if dataset is not None else 1),
             nn_framework=nn_framework,  # type: ignore[arg-type]
+            dataset=dataset,
         )
-    except TorchUnavailable as exc:
+    except (TorchUnavailable, TrainingDataError) as exc:
         fail(str(exc))
     models = render_repository(repo, settings, target)  # type: ignore[arg-type]
     typer.echo(f"built {', '.join(built)} in {time.monotonic() - started:.1f}s")
@@ -116,6 +133,14 @@ def models_build(
         typer.echo("not registered: no MLflow server in the stack (or pass --tracking-uri)")
         return
     _register(uri, {name: [version_dir] for name, version_dir in built.items()})
+
+
+def _next_version(repository: Path) -> int:
+    """One above the highest version directory of any demo model in ``repository``."""
+    from rtinfer.registry import version_dirs
+
+    found = [int(d.name) for dirs in version_dirs(repository).values() for d in dirs]
+    return max(found, default=0) + 1
 
 
 @models_app.command("register")

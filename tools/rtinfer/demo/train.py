@@ -370,8 +370,11 @@ def build_demo_models(
     n_rows: int = 60_000,
     version: int = 1,
     nn_framework: NnFramework = "sklearn",
+    dataset: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Path]:
-    """Generate data for ``seed``, train the demo models and write ``repository/<model>/<version>``.
+    """Train the demo models and write ``repository/<model>/<version>``: on data generated for
+    ``seed``, or on ``dataset`` (X, y), e.g. served vectors exported from the prediction
+    store, split 70/15/15 in row order (oldest rows train).
 
     Returns model name -> version directory. Raises if an exported ONNX graph does not
     reproduce the model it was converted from.
@@ -381,7 +384,10 @@ def build_demo_models(
 
         require_torch()  # fail before training anything
     started = time.perf_counter()
-    X, y, _, _ = generate_transactions(generate_entities(seed), seed, n_rows)
+    if dataset is None:
+        X, y, _, _ = generate_transactions(generate_entities(seed), seed, n_rows)
+    else:
+        X, y = dataset
     splits = split_data(X, y)
     spec = build_feature_spec(splits.X_train)
     context_splits = splits.columns(spec.indices("context"))
