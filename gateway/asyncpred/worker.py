@@ -271,13 +271,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         backoff=backoff,
         on_attempt=lambda outcome: metrics.callbacks.labels(outcome).inc(),
     )
-    async with open_serving_core(
-        settings,
-        gateway_metrics,
-        HealthTracker(),
-        default_deadline_ms=cfg.default_deadline_ms,
-        door="async",
-    ) as core:
+    core_cm = open_serving_core(settings, gateway_metrics, HealthTracker(), door="async",
+                                default_deadline_ms=cfg.default_deadline_ms)  # fmt: skip
+    async with core_cm as core:
         store = ResultStore.from_url(result_store_url(settings), cfg.result_ttl_s)
         dead_letters = ConfirmedProducer(
             settings.kafka_bootstrap(),

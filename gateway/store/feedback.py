@@ -51,6 +51,13 @@ class Feedback(BaseModel):
         None, description="When the outcome was observed (default: now); ISO 8601 with a zone."
     )
 
+    @field_validator("label", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("label must be a label name or its number, not true/false")
+        return value
+
     @field_validator("label")
     @classmethod
     def _known_label(cls, value: str | float) -> str | float:

@@ -251,6 +251,22 @@ def stack_up(
         typer.echo(
             f"worker   async-worker-{i} pid {w.pid}  metrics http://{metrics_host}:{w.port}/metrics"
         )
+    _echo_store(settings, state)
+
+
+def _echo_store(settings: Settings, state: stack_mod.StackState) -> None:
+    from gateway.store.backend import redact
+
+    if state.store is not None:
+        url = state.apply(settings).store_url()
+        typer.echo(
+            f"store    {url}  (embedded ClickHouse, data in {settings.state_dir}/clickhouse)"
+        )
+    elif settings.store.url is not None:
+        typer.echo(f"store    {redact(settings.store_url())}")
+    for i, w in enumerate(state.sinks):
+        host = settings.store.metrics_host
+        typer.echo(f"sink     sink-{i} pid {w.pid}  metrics http://{host}:{w.port}/metrics")
 
 
 @app.command("worker")
