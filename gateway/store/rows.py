@@ -18,6 +18,8 @@ from python_backend.predlog.records import SCHEMA_VERSION
 
 DOORS = ("gateway", "async", "direct")
 LABEL_SCHEMA_VERSION = 1
+#: what JSON numbers decode to (bool is not one of them: ``type(True) is bool``)
+_NUMBER_TYPES = frozenset((int, float))
 
 
 class PoisonRecord(ValueError):
@@ -69,9 +71,7 @@ def _timestamp(message: Mapping[str, Any], name: str) -> float:
 
 def _features(message: Mapping[str, Any]) -> list[float]:
     features = message.get("features") or []
-    if not isinstance(features, list) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in features
-    ):
+    if not isinstance(features, list) or not set(map(type, features)) <= _NUMBER_TYPES:
         raise PoisonRecord("bad_field", "features must be an array of numbers")
     return features
 

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,11 +70,34 @@ class PredictionSink:
         self._pending: list[Message] = []
 
     def run(self, stop: threading.Event) -> None:
-        """Consume and store until ``stop`` is set; the batch in hand is finished first."""
-        while not stop.is_set():
-            batch = self.collect(stop)
-            if batch.size:
-                self.store(batch, stop)
+        """Consume and store until ``stop`` is set; the batches in hand are finished first.
+
+        The next batch is consumed and parsed while the previous one is inserted (on a helper
+        thread); batches are committed in order, each once its insert returned.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="sink-insert") as inserter:
+            in_flight: tuple[Batch, Future[None]] | None = None
+            while not stop.is_set():
+                batch = self.collect(stop)
+                if in_flight is not None:
+                    self._finish(*in_flight, stop)
+                    in_flight = None
+                if batch.size:
+                    self._metrics.batch_rows.observe(batch.size)
+                    in_flight = (batch, inserter.submit(self._insert_all, batch))
+            if in_flight is not None:
+                self._finish(*in_flight, stop)
+
+    def _finish(self, batch: Batch, inserted: Future[None], stop: threading.Event) -> None:
+        """Wait for ``batch``'s insert; retry what failed (:meth:`store`), then commit."""
+        try:
+            inserted.result()
+        except (StoreError, KafkaException) as exc:
+            log.warning("storing a batch failed, retrying: %s", exc)
+            self._metrics.insert_failures.labels("transient").inc()
+            if not self._retry(batch, stop, attempt=1):
+                return
+        self._commit(batch)
 
     def collect(self, stop: threading.Event) -> Batch:
         """Messages until ``batch_max_rows`` or ``batch_max_ms`` after the first one."""
@@ -111,22 +135,29 @@ class PredictionSink:
         batch.rows.setdefault(table, []).append(row)
 
     def store(self, batch: Batch, stop: threading.Event) -> None:
-        """Insert, dead-letter and commit ``batch``, retrying while the store is unreachable."""
+        """Insert, dead-letter and commit ``batch`` on this thread, retrying while the store
+        is unreachable."""
         self._metrics.batch_rows.observe(batch.size)
-        attempt = 0
+        if self._retry(batch, stop, attempt=0):
+            self._commit(batch)
+
+    def _retry(self, batch: Batch, stop: threading.Event, attempt: int) -> bool:
+        """Insert what ``batch`` still holds; after a failure, pause the partitions for a
+        backoff and try again, until it is stored (True) or ``stop`` is set (False: the batch
+        stays uncommitted, and the partitions' next owner consumes it again)."""
         while True:
+            if attempt:
+                if stop.is_set():
+                    log.warning("stopping with a batch not stored; it will be consumed again")
+                    return False
+                self._wait(self._backoff.delay(attempt), stop)
             try:
                 self._insert_all(batch)
-                break
+                return True
             except (StoreError, KafkaException) as exc:
                 attempt += 1
                 self._metrics.insert_failures.labels("transient").inc()
-                delay = self._backoff.delay(attempt)
-                log.warning(
-                    "storing a batch failed (attempt %d, retry in %.1fs): %s", attempt, delay, exc
-                )
-                self._wait(delay, stop)
-        self._commit(batch)
+                log.warning("storing a batch failed (attempt %d): %s", attempt, exc)
 
     def _insert_all(self, batch: Batch) -> None:
         for table, rows in list(batch.rows.items()):

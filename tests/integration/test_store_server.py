@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
+import clickhouse_connect
 import httpx
 import pytest
 
@@ -71,11 +73,20 @@ def test_clients_use_it_like_a_clickhouse_server(server: tuple[Path, int]) -> No
     with pytest.raises(StoreError) as refused:
         store.command("SELEKT 1")
     assert not refused.value.transient and "Syntax error" in str(refused.value)
-    binary = httpx.post(
-        f"http://127.0.0.1:{port}/?query=INSERT+INTO+predictions+FORMAT+Native",
-        content=b"\x00\xff\x01",
+    # clickhouse-connect's own insert (Native, binary) works too, by column name
+    client = clickhouse_connect.get_client(port=port, database="rtinfer", compress=False)
+    client.insert(
+        "predictions",
+        [["b", "prod", "", datetime.fromtimestamp(1_796_000_000, timezone.utc), "m", [2.5]]],
+        column_names=["request_id", "arm", "deployment_id", "ts", "model_name", "features"],
     )
-    assert binary.status_code == 400 and "binary" in binary.text
+    assert client.query("SELECT features FROM predictions WHERE request_id = 'b'").result_rows == [
+        ([2.5],)
+    ]
+    client.close()
+    with pytest.raises(StoreError) as bad_data:
+        store.insert_json("predictions", b'{"request_id": "c", "ts": "not a time"}\n')
+    assert not bad_data.value.transient
     with pytest.raises(StoreError, match="cannot open"):  # the server holds the directory
         open_store(f"chdb://{state_dir / 'clickhouse'}?database=rtinfer")
     store.close()

@@ -204,6 +204,33 @@ def test_a_table_stored_before_a_failure_is_not_inserted_again() -> None:
     assert len(store.inserted["predictions"]) == 1 and len(store.inserted["prediction_labels"]) == 1
 
 
+def test_run_overlaps_batches_and_commits_them_in_order() -> None:
+    batches = [[Msg("predictions", 0, i, record(str(i)))] for i in range(3)]
+    sink, consumer, store, _ = make(batches, batch_max_rows=1)
+    stop = threading.Event()
+    consume = consumer.consume
+
+    def consume_then_stop(num_messages: int, timeout: float) -> list[Msg]:
+        if not consumer.batches:
+            stop.set()
+        return consume(num_messages, timeout)
+
+    consumer.consume = consume_then_stop  # type: ignore[method-assign]
+    sink.run(stop)
+    assert [c[("predictions", 0)] for c in consumer.commits] == [1, 2, 3]
+    assert len(store.inserted["predictions"]) == 3
+
+
+def test_a_stop_during_an_outage_leaves_the_batch_uncommitted() -> None:
+    down = StoreError("connection refused", transient=True)
+    sink, consumer, _, _ = make([[Msg("predictions", 0, 1, record("a"))]], failures=[down] * 99)
+    stop = threading.Event()
+    batch = sink.collect(stop)
+    stop.set()
+    sink.store(batch, stop)
+    assert consumer.commits == []
+
+
 def test_run_returns_once_stopped() -> None:
     sink, consumer, _, _ = make([])
     stop = threading.Event()

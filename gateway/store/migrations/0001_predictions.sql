@@ -38,4 +38,6 @@ CREATE TABLE IF NOT EXISTS predictions
 ENGINE = ReplacingMergeTree(inserted_at)
 PARTITION BY toYYYYMMDD(ts)
 ORDER BY (request_id, arm, deployment_id)
-TTL toDateTime(ts) + INTERVAL 90 DAY;
+TTL toDateTime(ts) + INTERVAL 90 DAY
+-- small granules: reads are mostly point lookups by request id (show, joins, replay)
+SETTINGS index_granularity = 1024;
