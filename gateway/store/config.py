@@ -23,6 +23,15 @@ class StoreSettings(BaseModel):
     database: str = Field("rtinfer", description="Database of the local embedded server.")
     sinks: int = Field(1, ge=0, description="Sink processes `stack up` starts.")
     group_id: str = Field("rtinfer-prediction-sink", description="The sinks' consumer group.")
+    instance_id: str | None = Field(
+        None,
+        description="This sink's static group membership (group.instance.id): a sink restarted "
+        "with the same id takes its partitions back at once, without a rebalance; `stack up` "
+        "sets sink-<i>. Unique per live process.",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, description="A sink silent this long loses its partitions."
+    )
     predictions_topic: str = Field("predictions", description="Prediction records.")
     shadow_topic: str = Field("predictions-shadow", description="Shadow prediction records.")
     labels_topic: str = Field("prediction-labels", description="Ground-truth labels (feedback).")

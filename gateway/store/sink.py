@@ -36,6 +36,8 @@ LABELS_TABLE = "prediction_labels"
 DLQ_REASON = "rtinfer-dlq-reason"
 DLQ_DETAIL = "rtinfer-dlq-detail"
 DLQ_SOURCE = "rtinfer-dlq-source"
+#: how long an idle consume waits before handing back an empty batch
+IDLE_POLL_S = 0.2
 
 
 @dataclass
@@ -100,18 +102,26 @@ class PredictionSink:
         self._commit(batch)
 
     def collect(self, stop: threading.Event) -> Batch:
-        """Messages until ``batch_max_rows`` or ``batch_max_ms`` after the first one."""
+        """Messages until ``batch_max_rows`` or ``batch_max_ms`` after the first one; an
+        empty batch after ``IDLE_POLL_S`` without any (so the batch in flight gets committed
+        while no traffic comes)."""
         batch, first = Batch(), None
         for msg in self._pending:
             first = self._clock() if first is None else first
             self._add(batch, msg)
         self._pending = []
         while batch.size < self._cfg.batch_max_rows and not stop.is_set():
-            wait = 0.5 if first is None else first + self._cfg.batch_max_ms / 1000 - self._clock()
-            if wait <= 0:
-                break
+            if first is None:
+                wait = IDLE_POLL_S
+            else:
+                wait = first + self._cfg.batch_max_ms / 1000 - self._clock()
+                if wait <= 0:
+                    break
             wanted = self._cfg.batch_max_rows - batch.size
-            for msg in self._consumer.consume(num_messages=wanted, timeout=wait):
+            consumed = self._consumer.consume(num_messages=wanted, timeout=wait)
+            if not consumed and first is None:
+                break
+            for msg in consumed:
                 if msg.error() is not None:
                     log.warning("kafka consumer: %s", msg.error())
                     continue

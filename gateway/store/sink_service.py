@@ -38,9 +38,11 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": cfg.session_timeout_ms,
         "max.poll.interval.ms": 600_000,
         "fetch.max.bytes": 16 * 1024 * 1024,
         "logger": logging.getLogger(f"{log.name}.librdkafka"),
+        **({"group.instance.id": cfg.instance_id} if cfg.instance_id else {}),
     }
 
 

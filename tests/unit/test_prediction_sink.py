@@ -4,6 +4,7 @@ store; the real ones are exercised in tests/integration/test_prediction_store.py
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -219,6 +220,27 @@ def test_run_overlaps_batches_and_commits_them_in_order() -> None:
     sink.run(stop)
     assert [c[("predictions", 0)] for c in consumer.commits] == [1, 2, 3]
     assert len(store.inserted["predictions"]) == 3
+
+
+def test_an_idle_partition_still_gets_the_last_batch_committed() -> None:
+    sink, consumer, _, _ = make([[Msg("predictions", 0, 4, record("last"))]])
+    stop = threading.Event()
+    commits_seen: list[int] = []  # commits made before each idle poll
+    consume = consumer.consume
+
+    def idle_after(num_messages: int, timeout: float) -> list[Msg]:
+        if not consumer.batches:
+            commits_seen.append(len(consumer.commits))
+            if len(commits_seen) > 3:
+                stop.set()
+            time.sleep(timeout)  # as a real consume with nothing to return
+        return consume(num_messages, timeout)
+
+    consumer.consume = idle_after  # type: ignore[method-assign]
+    sink.run(stop)
+    assert consumer.commits == [{("predictions", 0): 5}]
+    # committed while nothing else arrived, before the stop was asked for
+    assert commits_seen[-1] == 1
 
 
 def test_a_stop_during_an_outage_leaves_the_batch_uncommitted() -> None:
