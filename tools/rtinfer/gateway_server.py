@@ -51,6 +51,42 @@ def gateway_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def spawn_module(
+    name: str,
+    module: str,
+    settings: Settings,
+    log_path: Path,
+    *,
+    launch: Launch = spawn_program,
+    cwd: Path = REPO_ROOT,
+) -> Process:
+    """``python -m <module>`` with ``settings`` in its environment (not waited for). ``cwd``
+    holds the code it runs (another checkout, for A/B benchmarks)."""
+    spec = ProgramSpec(
+        name,
+        [sys.executable, "-m", module],
+        log_path,
+        env=settings_env(settings),
+        cwd=cwd,
+        stop_timeout_s=30.0,  # shutdown flushes the prediction log and drains jobs
+    )
+    return launch(spec)
+
+
+def wait_answering(proc: Process, name: str, ready_url: str, timeout_s: float) -> None:
+    """Return once ``ready_url`` answers 200; stop ``proc`` if it does not within
+    ``timeout_s``."""
+
+    def ready() -> bool:
+        return httpx.get(ready_url, timeout=2.0).status_code == 200
+
+    try:
+        wait_until(ready, timeout_s, proc=proc, what=f"{name} {ready_url}")
+    except BaseException:
+        proc.stop(timeout_s=10)
+        raise
+
+
 def spawn_settled(
     name: str,
     module: str,
@@ -62,27 +98,10 @@ def spawn_settled(
     launch: Launch = spawn_program,
     cwd: Path = REPO_ROOT,
 ) -> Process:
-    """``python -m <module>`` with ``settings`` in its environment, once ``ready_url`` answers
-    200; stopped again if it does not within ``startup_timeout_s``. ``cwd`` holds the code
-    it runs (another checkout, for A/B benchmarks)."""
-    spec = ProgramSpec(
-        name,
-        [sys.executable, "-m", module],
-        log_path,
-        env=settings_env(settings),
-        cwd=cwd,
-        stop_timeout_s=30.0,  # shutdown flushes the prediction log and drains jobs
-    )
-    proc = launch(spec)
-
-    def ready() -> bool:
-        return httpx.get(ready_url, timeout=2.0).status_code == 200
-
-    try:
-        wait_until(ready, startup_timeout_s, proc=proc, what=f"{name} {ready_url}")
-    except BaseException:
-        proc.stop(timeout_s=10)
-        raise
+    """:func:`spawn_module`, returned once ``ready_url`` answers 200 (stopped again if it does
+    not within ``startup_timeout_s``)."""
+    proc = spawn_module(name, module, settings, log_path, launch=launch, cwd=cwd)
+    wait_answering(proc, name, ready_url, startup_timeout_s)
     return proc
 
 

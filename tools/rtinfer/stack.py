@@ -32,7 +32,6 @@ from gateway.catalog.migrate import apply_migrations
 from gateway.repository.render import render_repository
 from gateway.secret_files import read_or_create_secret
 from gateway.settings import Settings
-from rtinfer.deployer_process import register_webhook, start_deployer
 from rtinfer.features import load_demo_features
 from rtinfer.gateway_server import gateway_url, start_gateway
 from rtinfer.kafka_server import DEFAULT_TOPICS, ensure_topics, start_kafka
@@ -40,7 +39,7 @@ from rtinfer.mlflow_server import spawn_mlflow, tracking_uri, wait_mlflow
 from rtinfer.postgres_server import start_postgres, stop_postgres
 from rtinfer.procs import ManagedProcess, Process, pid_alive, resolve_port
 from rtinfer.redis_server import start_redis
-from rtinfer.store_process import SINK_PREFIX, sink_name, start_sink, start_store_server
+from rtinfer.store_process import SINK_PREFIX, Pending, sink_name, spawn_sink, spawn_store_server
 from rtinfer.supervisor import LIVE_STATES, Supervisor
 from rtinfer.triton_server import TritonPorts, reap_orphan_stubs, start_triton
 from rtinfer.worker_process import WORKER_PREFIX, start_worker, worker_name
@@ -239,6 +238,8 @@ class _Starter:
         self.started: dict[str, Process] = {}
         self.worker_ports: list[int] = []
         self.sink_ports: list[int] = []
+        #: spawned, not yet answering: waited for by ``settle``
+        self.pending: list[Pending] = []
 
     def add(self, name: str, proc: Process) -> None:
         self.started[name] = proc
@@ -310,19 +311,31 @@ class _Starter:
             self.worker_ports.append(port)
 
     def store(self) -> None:
-        self.add("store", start_store_server(self.settings, launch=self.supervisor.add))
+        pending = spawn_store_server(self.settings, launch=self.supervisor.add)
+        self.add("store", pending.proc)
+        self.pending.append(pending)
 
     def sinks(self) -> None:
+        self.settle()  # the sinks migrate the store at start: it must answer first
         for i in range(self.settings.store.sinks):
-            proc, port = start_sink(self.settings, i, launch=self.supervisor.add)
-            self.add(sink_name(i), proc)
-            self.sink_ports.append(port)
+            pending = spawn_sink(self.settings, i, launch=self.supervisor.add)
+            self.add(sink_name(i), pending.proc)
+            self.sink_ports.append(pending.port)
+            self.pending.append(pending)
+
+    def settle(self) -> None:
+        """Wait until every spawned service answers."""
+        while self.pending:
+            self.pending.pop(0).wait()
 
     def wait_mlflow(self) -> None:
         m = self.settings.mlflow
         wait_mlflow(self.started["mlflow"], m.port, m.host, m.startup_timeout_s)
 
     def deployer(self, with_mlflow: bool) -> None:
+        # here, not at the top: it imports mlflow (2.5 s), which no other CLI command needs
+        from rtinfer.deployer_process import register_webhook, start_deployer
+
         proc = start_deployer(self.settings, self.ports.grpc_url, launch=self.supervisor.add)
         self.add("deployer", proc)
         if with_mlflow:
@@ -392,13 +405,13 @@ def _start_all(
 ) -> None:
     if "mlflow" in wanted:  # slowest to start: spawn now, wait once the rest is up
         starter.mlflow()
+    if "store" in wanted:  # spawned now, waited for before the sinks start
+        starter.store()
     starter.redis(load_features)
     if "postgres" in wanted:
         starter.postgres()
     if "kafka" in wanted:
         starter.kafka()
-    if "store" in wanted:
-        starter.store()
     starter.triton(repository, models)
     if "gateway" in wanted:
         starter.gateway()
@@ -408,6 +421,7 @@ def _start_all(
         starter.sinks()
     if "mlflow" in wanted:  # nothing above needs it
         starter.wait_mlflow()
+    starter.settle()
     if "deployer" in wanted:  # reconciles with MLflow from its start: after MLflow is up
         starter.deployer(with_mlflow="mlflow" in wanted)
 
