@@ -27,6 +27,10 @@ ONNX_FILE = "model.onnx"
 BLEND_PART = "+"
 #: version directory of (model, version), or None when neither repository nor registry has it
 Locate = Callable[[str, str], Path | None]
+#: class probabilities ``float32 [rows, 2]`` of float32 rows
+Probabilities = Callable[[np.ndarray], np.ndarray]
+#: (model, version, version directory) -> how that version scores
+Runner = Callable[[str, str, Path], Probabilities]
 
 
 class ReplayError(RuntimeError):
@@ -46,32 +50,45 @@ class Scorer:
         return [self.positive if v >= self.threshold else self.negative for v in p]
 
 
-def version_scorer(directory: Path) -> Scorer:
-    """A version directory's scorer (``model.onnx``, ``metadata.json``)."""
+def onnx_runner(_model: str, _version: str, directory: Path) -> Probabilities:
+    """ONNX Runtime on the version's ``model.onnx``, offline."""
     if not (directory / ONNX_FILE).is_file():
         raise ReplayError(f"{directory} has no {ONNX_FILE}")
-    runner = OnnxRunner(directory / ONNX_FILE)
+    return OnnxRunner(directory / ONNX_FILE).run
+
+
+def version_scorer(
+    directory: Path, run: Runner = onnx_runner, model: str = "", version: str = ""
+) -> Scorer:
+    """A version directory's scorer (``model.onnx``, ``metadata.json``)."""
+    probabilities = run(model, version, directory)
     meta = ModelMetadata.load(directory / METADATA_FILE)
-    return Scorer(lambda x: runner.run(x)[:, 1], meta.threshold, *reversed(meta.class_names))
+    return Scorer(lambda x: probabilities(x)[:, 1], meta.threshold, *reversed(meta.class_names))
 
 
 def served_scorer(
-    model_version: str, model_name: str, locate: Locate, blend_weights: Mapping[str, float]
+    model_version: str,
+    model_name: str,
+    locate: Locate,
+    blend_weights: Mapping[str, float],
+    run: Runner = onnx_runner,
 ) -> Scorer:
     """The scorer of a logged ``model_version``: one model's, or a blend of several."""
     parts = [p.partition(":") for p in model_version.split(BLEND_PART)]
     if len(parts) == 1:
-        return version_scorer(_located(locate, model_name, model_version))
+        directory = _located(locate, model_name, model_version)
+        return version_scorer(directory, run, model_name, model_version)
     names = [name for name, _, _ in parts]
     missing = [n for n in names if n not in blend_weights]
     if missing:
         raise ReplayError(f"no blend weight for {missing} (postprocess.blend_weights)")
-    runners = [OnnxRunner(_located(locate, name, v) / ONNX_FILE) for name, _, v in parts]
-    metas = [ModelMetadata.load(_located(locate, name, v) / METADATA_FILE) for name, _, v in parts]
+    dirs = [_located(locate, name, v) for name, _, v in parts]
+    runners = [run(name, v, d) for (name, _, v), d in zip(parts, dirs, strict=True)]
+    metas = [ModelMetadata.load(d / METADATA_FILE) for d in dirs]
     blender = Blender([blend_weights[n] for n in names])
     total = sum(blend_weights[n] for n in names)
     threshold = sum(blend_weights[n] * m.threshold for n, m in zip(names, metas, strict=True))
-    return Scorer(lambda x: blender.blend([r.run(x) for r in runners])[:, 1], threshold / total)
+    return Scorer(lambda x: blender.blend([r(x) for r in runners])[:, 1], threshold / total)
 
 
 def _located(locate: Locate, model: str, version: str) -> Path:

@@ -20,8 +20,10 @@ from gateway.store.backend import Store, StoreError, open_store
 from gateway.store.replay import (
     ONNX_FILE,
     ReplayError,
+    Runner,
     Scorer,
     logged_rows,
+    onnx_runner,
     replay,
     served_scorer,
     version_scorer,
@@ -171,7 +173,7 @@ def export(
     typer.echo(f"wrote {n} rows to {out}")
 
 
-def _locator(settings: Settings) -> Any:
+def artifact_locator(settings: Settings) -> Any:
     """(model, version) -> its version directory: the repository's, else the registry's
     (downloaded once into ``<state>/replay-artifacts``)."""
     repository = settings.triton.model_repository.resolve()
@@ -219,14 +221,19 @@ def replay_cmd(
     since: SinceOpt = "1h",
     version: Annotated[str | None, typer.Option(help="Score with this version instead.")] = None,
     candidate: Annotated[Path | None, typer.Option(help="A version directory to compare.")] = None,
+    via: Annotated[
+        str, typer.Option(help="onnx: offline with ONNX Runtime; triton: the loaded version.")
+    ] = "onnx",
     as_json: Annotated[bool, typer.Option("--json", help="Every row as JSON.")] = False,
 ) -> None:
     """Re-score logged feature vectors (ONNX Runtime) and compare with the served scores."""
     if not request_ids and model is None:
         fail("name request ids, or --model M [--since 1h]")
+    if via not in ("onnx", "triton"):
+        fail(f"--via must be onnx or triton, not {via!r}")
     settings = settings_from_env()
     try:
-        scorer_of = _scorers(settings, version, candidate)
+        scorer_of = _scorers(settings, version, candidate, _runner(settings, via))
         with _store() as store:
             logged = logged_rows(
                 store,
@@ -235,7 +242,7 @@ def replay_cmd(
                 since_s=None if request_ids else _since(since),
             )
         report = replay(logged, scorer_of)
-    except ReplayError as exc:
+    except (ReplayError, stack_mod.StackError) as exc:
         fail(str(exc))
     if as_json:
         echo_json(report)
@@ -255,18 +262,29 @@ def replay_cmd(
     typer.echo(json.dumps(report["summary"], indent=2))
 
 
-def _scorers(settings: Settings, version: str | None, candidate: Path | None) -> Any:
+def _runner(settings: Settings, via: str) -> Runner:
+    if via == "onnx":
+        return onnx_runner
+    import tritonclient.grpc as grpcclient
+
+    from gateway.store.replay_triton import triton_runner
+
+    state = stack_mod.require_running(settings)
+    return triton_runner(grpcclient.InferenceServerClient(state.triton_ports.grpc_url))
+
+
+def _scorers(settings: Settings, version: str | None, candidate: Path | None, run: Runner) -> Any:
     if candidate is not None:
-        fixed = version_scorer(candidate)
+        fixed = version_scorer(candidate)  # a directory: always offline
         return lambda _row: fixed
-    locate = _locator(settings)
+    locate = artifact_locator(settings)
     cache: dict[tuple[str, str], Scorer] = {}
     weights = settings.postprocess.blend_weights
 
     def scorer_of(row: dict[str, Any]) -> Scorer:
         key = (row["model_name"], version or row["model_version"])
         if key not in cache:
-            cache[key] = served_scorer(key[1], key[0], locate, weights)
+            cache[key] = served_scorer(key[1], key[0], locate, weights, run)
         return cache[key]
 
     return scorer_of
