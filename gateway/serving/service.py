@@ -275,7 +275,10 @@ class PredictionService:
             "latency_ms": response.latency_ms,
             "stage_latency_ms": dict(stages.ms),
         }
-        asyncio.get_running_loop().call_soon(self._log_prediction, record)
+        # the journal append happens before the answer leaves (a process killed right after
+        # answering must not lose the record); the log line can wait for the next loop turn
+        self._log_prediction(record)
+        asyncio.get_running_loop().call_soon(self._log_event, record)
         return record
 
     def _finish_error(
@@ -316,6 +319,8 @@ class PredictionService:
             self._metrics.prediction_log_errors.inc()
             log.exception("prediction log failed; record %s lost", record["request_id"])
         self._metrics.stage_seconds.labels("log").observe(time.perf_counter() - started)
+
+    def _log_event(self, record: dict[str, Any]) -> None:
         fields = {
             "event": "prediction",
             "request_id": record["request_id"],
