@@ -276,8 +276,11 @@ async def test_a_paused_redis_degrades_to_fallbacks_then_recovers(chaos: Chaos) 
             chaos.supervisor.signal("redis", signal.SIGCONT)
         resumed_at = time.monotonic()
         recovery = await running.recovery_after(fault_at, quiet_s=1.0, timeout_s=30)
-    report("SIGSTOP redis 4 s (recovery after SIGCONT)", recovery - (resumed_at - fault_at),
-           running.answers)  # fmt: skip
+    report(
+        "SIGSTOP redis 4 s (recovery after SIGCONT)",
+        recovery - (resumed_at - fault_at),
+        running.answers,
+    )
     no_error_answers(running.answers)
     degraded = [a for a in running.answers if a.degraded_reason]
     assert degraded, "a paused feature store must show in the answers"
@@ -303,8 +306,17 @@ async def test_kafka_down_for_20s_loses_no_prediction_record(chaos: Chaos) -> No
         await asyncio.sleep(2.0)
     report("Kafka down 20 s", 0.0, running.answers)
     no_error_answers(running.answers)
-    await asyncio.to_thread(logged_exactly_once, chaos, running.answers)
-    print(f"  every record logged {time.monotonic() - back_at:.2f}s after Kafka was back")
+    # at least once across a broker stop (docs/prediction-log.md): a record the stopping
+    # broker wrote without its acknowledgement reaching the gateway is spooled and sent again
+    # (the store collapses the copies); this box shows a few dozen such copies per stop
+    duplicates = await asyncio.to_thread(
+        logged_exactly_once, chaos, running.answers, 60.0, float("inf")
+    )
+    assert duplicates <= len(running.answers) // 10, duplicates
+    print(
+        f"  every record logged {time.monotonic() - back_at:.2f}s after Kafka was back; "
+        f"{duplicates} twice"
+    )
 
 
 async def test_a_gateway_killed_while_kafka_is_down_replays_its_records(chaos: Chaos) -> None:
