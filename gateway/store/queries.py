@@ -22,6 +22,8 @@ LABEL_VALUES: Mapping[str, float] = {"fraud": 1.0, "legit": 0.0}
 _SINCE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _JSON_COLUMNS = ("context", "feature_overrides", "production")
+#: the time-window condition of every read; parameter ``since`` in seconds
+WINDOW = "ts >= now64(3) - toIntervalSecond({since:UInt32})"
 
 #: the latest label of each request (across sources, by observation time)
 LATEST_LABELS = """
@@ -80,7 +82,7 @@ def find(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """The newest records of ``model`` in the window, with their latest label if any."""
-    where = ["model_name = {model:String}", "ts >= now64(3) - toIntervalSecond({since:UInt32})"]
+    where = ["model_name = {model:String}", WINDOW]
     params: dict[str, Any] = {"model": model, "since": since_s, "limit": limit}
     if entity is not None:
         where.append("has(mapValues(entity_ids), {entity:String})")
@@ -111,7 +113,7 @@ def _labelled(model: str) -> str:
         FROM (SELECT request_id, model_version, arm, prediction, label_class, ts
               FROM predictions FINAL
               WHERE model_name = {{model:String}} AND prediction IS NOT NULL
-                AND ts >= now64(3) - toIntervalSecond({{since:UInt32}})) AS p
+                AND {WINDOW}) AS p
         INNER JOIN ({LATEST_LABELS}) AS l ON p.request_id = l.request_id
     """
 
@@ -170,7 +172,7 @@ def export_sql(with_labels: bool, include_degraded: bool) -> str:
                p.prediction AS prediction, p.label_class AS label_class{label_cols}
         FROM (SELECT * FROM predictions FINAL
               WHERE model_name = {{model:String}} AND arm != 'shadow' AND length(features) > 0
-                AND ts >= now64(3) - toIntervalSecond({{since:UInt32}}) {degraded}) AS p
+                AND {WINDOW} {degraded}) AS p
         {join} ({LATEST_LABELS}) AS l ON p.request_id = l.request_id
         ORDER BY p.ts
     """

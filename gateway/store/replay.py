@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from gateway.store.backend import Store, rows
+from gateway.store.queries import WINDOW
 from python_backend.blend import Blender
 from python_backend.feature_spec import METADATA_FILE, ModelMetadata
 from python_backend.onnx_runner import OnnxRunner
@@ -118,7 +119,7 @@ def logged_rows(
         where.append("model_name = {model:String}")
         params["model"] = model
     if since_s is not None:
-        where.append("ts >= now64(3) - toIntervalSecond({since:UInt32})")
+        where.append(WINDOW)
         params["since"] = since_s
     sql = (
         "SELECT request_id, ts, model_name, model_version, arm, features, prediction, "

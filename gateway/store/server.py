@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import socket
 import threading
 import uuid
@@ -29,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from gateway.logs import configure_logging
 from gateway.settings import Settings
 from gateway.store.backend import ChdbStore, StoreError, rows
+from gateway.store.signals import stop_on_signals
 
 log = logging.getLogger("gateway.store.server")
 
@@ -225,9 +225,7 @@ def serve(settings: Settings, stop: threading.Event) -> None:
 def main(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings.gateway.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     serve(settings, stop)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from typing import Any
 
@@ -21,6 +20,7 @@ from gateway.logs import configure_logging
 from gateway.settings import Settings
 from gateway.store.backend import StoreError, open_store, redact
 from gateway.store.migrate import apply_store_migrations
+from gateway.store.signals import stop_on_signals
 from gateway.store.sink import PredictionSink
 from gateway.store.sink_metrics import SinkMetrics
 
@@ -113,9 +113,7 @@ def serve(settings: Settings, stop: threading.Event) -> None:
 def main(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     configure_logging(settings.gateway.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     try:
         serve(settings, stop)
     except StoreError as exc:
