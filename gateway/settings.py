@@ -7,7 +7,7 @@ A port of ``0`` means "pick a free one"; a configured port that is busy is an er
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -168,19 +168,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(REPO_ROOT / ".rtinfer", description="Pid files, logs, data.")
     seed: int = Field(7, description="Seed of the synthetic data and demo models.")
     services: list[Service] = Field(
-        default_factory=lambda: [
-            "redis",
-            "postgres",
-            "kafka",
-            "mlflow",
-            "triton",
-            "gateway",
-            "async-worker",
-            "deployer",
-            "store",
-            "sink",
-        ],
-        description="What `stack up` starts (redis and triton are always started).",
+        default_factory=lambda: list(get_args(Service)),
+        description="What `stack up` starts (default: all; redis and triton are always started).",
     )
     triton: TritonSettings = Field(default_factory=TritonSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
