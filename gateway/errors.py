@@ -97,6 +97,16 @@ class RateLimited(GatewayError):
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
+class TryAgainShortly(GatewayError):
+    """503 with ``Retry-After: 1``: a dependency did not confirm; nothing was accepted."""
+
+    status = 503
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class InternalError(GatewayError):
     status, code = 500, "internal_error"
 

@@ -31,13 +31,9 @@ from gateway.catalog.dsn import dsn
 from gateway.settings import Settings
 from gateway.store import queries
 from gateway.store.backend import open_store, rows
+from rtinfer.loadloop import percentile
 from rtinfer.stack import StackState
 from rtinfer.supervisor import Supervisor
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def record(tag: str, i: int) -> bytes:
@@ -156,7 +152,7 @@ def end_to_end(settings: Settings, state: StackState, rate: float, seconds: floa
     lags = [seen[rid] - t for rid, t in served.items()]
     print(
         f"e2e: {len(lags)} predictions at {rate:g}/s; time to queryable "
-        f"p50 {statistics.median(lags):.3f}s p99 {quantile(lags, 0.99):.3f}s "
+        f"p50 {statistics.median(lags):.3f}s p99 {percentile(lags, 0.99):.3f}s "
         f"max {max(lags):.3f}s"
     )
     store.close()
@@ -178,7 +174,7 @@ def show_latency(settings: Settings, state: StackState, ids: list[str]) -> None:
     for name, ms in (("store client", direct), ("GET /predictions/{id}", route)):
         print(
             f"show via {name}: p50 {statistics.median(ms):.1f} ms p99 "
-            f"{quantile(ms, 0.99):.1f} ms ({len(ms)} sequential)"
+            f"{percentile(ms, 0.99):.1f} ms ({len(ms)} sequential)"
         )
     store.close()
 

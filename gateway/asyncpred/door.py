@@ -35,11 +35,7 @@ from gateway.asyncpred.results import ResultStore, ResultStoreError
 from gateway.asyncpred.schemas import AsyncAccepted, AsyncJob, AsyncPredictRequest, AsyncStatus
 from gateway.asyncpred.tokens import NO_OWNER, issue_token, may_be_pending, may_read, read_token
 from gateway.auth.guards import PRINCIPAL, is_admin
-from gateway.errors import (
-    GatewayError,
-    InvalidRequest,
-    NotFound,
-)
+from gateway.errors import GatewayError, InvalidRequest, NotFound, TryAgainShortly
 from gateway.metrics import GatewayMetrics
 from gateway.serving.core import result_store_url
 from gateway.settings import Settings
@@ -49,14 +45,10 @@ log = logging.getLogger(__name__)
 TOKEN_SECRET_FILE = "token-secret"
 
 
-class EnqueueUnavailable(GatewayError):
+class EnqueueUnavailable(TryAgainShortly):
     """Kafka did not confirm the job: it was not accepted."""
 
-    status, code = 503, "enqueue_unavailable"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    code = "enqueue_unavailable"
 
 
 class ResultStoreUnavailable(GatewayError):

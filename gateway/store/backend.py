@@ -90,10 +90,6 @@ class ChdbStore:
                 f"INSERT INTO {_ident(table)} FORMAT JSONEachRow\n{lines.decode()}", None, "CSV"
             )
 
-    def execute_text(self, sql: str, params: Params, fmt: str) -> bytes:
-        """Run any statement with its inline data (the embedded server's entry)."""
-        return self._query(sql, params, fmt)
-
     def close(self) -> None:
         with self._lock:
             self._session.close()

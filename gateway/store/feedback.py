@@ -18,7 +18,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.asyncpred.confirmed_producer import ConfirmedProducer, DeliveryFailed
-from gateway.errors import GatewayError
+from gateway.errors import TryAgainShortly
 from gateway.store.queries import LABEL_VALUES
 from gateway.store.rows import LABEL_SCHEMA_VERSION
 
@@ -26,14 +26,10 @@ MAX_LABELS = 1000
 Source = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
-class LabelUnavailable(GatewayError):
+class LabelUnavailable(TryAgainShortly):
     """Kafka did not confirm the labels: none of the batch counts as accepted."""
 
-    status, code = 503, "feedback_unavailable"
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
+    code = "feedback_unavailable"
 
 
 class Feedback(BaseModel):

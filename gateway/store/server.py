@@ -56,7 +56,7 @@ class _Engine:
     def run(self, sql: str, database: str | None, params: dict[str, str], fmt: str) -> bytes:
         with self._lock:
             self._use(database)
-            return self.store.execute_text(sql, params or None, fmt)
+            return self.store.raw(sql, params or None, fmt)
 
     def insert(
         self, database: str | None, table: str, columns: str | None, fmt: str, data: bytes
@@ -68,7 +68,7 @@ class _Engine:
             with self._lock:
                 self._use(database)
                 names, structure = self._structure(table, columns)
-                self.store.execute_text(
+                self.store.raw(
                     f"INSERT INTO {table} ({names}) SELECT * FROM "
                     f"file('{staged}', {fmt}, '{structure}')",
                     None,
@@ -83,7 +83,7 @@ class _Engine:
                 raise StoreError(
                     f"Code: 81. database {database!r} is not a plain name", transient=False
                 )
-            self.store.execute_text(f"USE {database}", None, "CSV")
+            self.store.raw(f"USE {database}", None, "CSV")
             self._current = database
 
     def _structure(self, table: str, columns: str | None) -> tuple[str, str]:
